@@ -1,1 +1,195 @@
-fn main(){}
+//! The `mediaroute` command: parse the CLI, set up logging, hand off to the server.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mediaroute::config::{self, Config};
+use mediaroute::{demo, duration, explain, reload, server};
+
+/// Streaming reverse proxy that serves studio media from the S3 replica region when allowed.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Config file (for the default `run` command).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default command).
+    Run,
+    /// Validate the config and users file; exit 0, or print every error and exit 1.
+    Check,
+    /// Print where a request would go and why, without serving.
+    Explain {
+        /// User name; leave out for an anonymous request.
+        #[arg(long)]
+        user: Option<String>,
+        /// Client address.
+        #[arg(long)]
+        ip: IpAddr,
+        /// HTTP method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Request path, with an optional ?query.
+        #[arg(long, default_value = "/media/object")]
+        path: String,
+        /// Object age, e.g. 10m or 2d; leave out to assume older than the delay.
+        #[arg(long, value_parser = parse_age)]
+        age: Option<Duration>,
+        /// Pretend the replica is marked down.
+        #[arg(long)]
+        replica_down: bool,
+    },
+    /// Start two local upstreams with sample media and the proxy on the example config.
+    Demo,
+}
+
+fn parse_age(s: &str) -> Result<Duration, String> {
+    duration::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration (e.g. 10m, 2h, 3d)"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => with_config(cli.config.as_deref()).and_then(run),
+        Command::Check => return check(cli.config.as_deref()),
+        Command::Explain {
+            user,
+            ip,
+            method,
+            path,
+            age,
+            replica_down,
+        } => with_config(cli.config.as_deref()).map(|cfg| {
+            let q = explain::Question {
+                user,
+                ip,
+                method,
+                path,
+                age,
+                replica_down,
+            };
+            print!("{}", explain::explain(&cfg, &q));
+        }),
+        Command::Demo => run_demo(cli.config.as_deref()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mediaroute: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn with_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    let path = path.context("--config PATH is required")?;
+    config::load(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))
+}
+
+fn check(path: Option<&Path>) -> ExitCode {
+    let Some(path) = path else {
+        eprintln!("mediaroute: --config PATH is required");
+        return ExitCode::FAILURE;
+    };
+    match config::load(path) {
+        Ok(cfg) => {
+            for u in &cfg.overridden_users {
+                println!("warning: user {u:?} is listed in both users_file and [users]; [users] wins");
+            }
+            println!(
+                "{}: ok ({} users, {} replica networks, delay {})",
+                path.display(),
+                cfg.users.len(),
+                cfg.replication.networks.len(),
+                duration::format_duration(cfg.replication.delay)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cfg.log.json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(cfg: Config) -> anyhow::Result<()> {
+    init_logging(&cfg);
+    runtime()?.block_on(async {
+        let running = server::start(cfg).await?;
+        watch_reloads(&running);
+        wait_for_stop().await;
+        tracing::info!("stopping: finishing in-flight requests");
+        running.shutdown(Duration::from_secs(30)).await;
+        Ok(())
+    })
+}
+
+fn watch_reloads(running: &server::Running) {
+    let proxy = Arc::clone(&running.proxy);
+    let tables = Arc::clone(proxy.tables());
+    tokio::spawn(reload::sighup_loop(tables, move || proxy.ages().clear()));
+}
+
+async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn run_demo(path: Option<&Path>) -> anyhow::Result<()> {
+    let cfg = demo::demo_config(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    init_logging(&cfg);
+    runtime()?.block_on(async {
+        let d = demo::start(cfg).await?;
+        watch_reloads(&d.proxy);
+        println!("mediaroute demo: proxy on http://{}", d.proxy.addr);
+        println!("  primary upstream on http://{} (bucket studio-media)", d.primary.addr);
+        println!("  replica upstream on http://{} (bucket studio-media-replica)\n", d.replica.addr);
+        println!("Try these (answers below each were just fetched):\n");
+        print!("{}", d.tour().await);
+        println!("Press Ctrl-C to stop.");
+        wait_for_stop().await;
+        d.proxy.shutdown(Duration::from_secs(5)).await;
+        Ok(())
+    })
+}

@@ -1,0 +1,54 @@
+//! The access log: one line per request, written when the response body is done.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use crate::route::Reason;
+use crate::table::Upstream;
+
+/// What one request did; logged once, when dropped.
+#[derive(Debug)]
+pub struct AccessRecord {
+    /// When the request arrived.
+    pub start: Instant,
+    /// The user, if a trusted peer named one.
+    pub user: Option<Box<str>>,
+    /// The client address after `X-Forwarded-For` handling.
+    pub client: IpAddr,
+    /// Request method.
+    pub method: http::Method,
+    /// Request path (without query, which may hold presigned credentials).
+    pub path: Box<str>,
+    /// Status sent to the client.
+    pub status: u16,
+    /// Upstream that answered, if any.
+    pub upstream: Option<Upstream>,
+    /// Why the request went there (`None` for requests refused before routing).
+    pub reason: Option<Reason>,
+    /// Response body bytes sent.
+    pub bytes: u64,
+    /// The body reached its end (false: the client went away or the upstream broke).
+    pub complete: bool,
+    /// The upstream body failed mid-stream.
+    pub upstream_error: bool,
+}
+
+impl Drop for AccessRecord {
+    fn drop(&mut self) {
+        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(
+            target: "mediaroute::access",
+            user = self.user.as_deref().unwrap_or("-"),
+            client = %self.client,
+            method = %self.method,
+            path = &*self.path,
+            status = self.status,
+            upstream = self.upstream.map_or("-", Upstream::as_str),
+            reason = self.reason.map_or("-", Reason::as_str),
+            bytes = self.bytes,
+            duration_ms = (duration_ms * 1000.0).round() / 1000.0,
+            complete = self.complete,
+            upstream_error = self.upstream_error,
+        );
+    }
+}

@@ -1,0 +1,229 @@
+//! Object age: what a `HEAD` to the primary says of `Last-Modified`, and a bounded cache.
+//!
+//! Media keys are write-once, so an object once seen older than the delay stays old.
+//! A younger one is probed again once it could have aged past the delay (in case it
+//! was overwritten). Misses and failures are not remembered, but concurrent requests
+//! for one key always share a single probe.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::OnceCell;
+
+use crate::route::Age;
+
+/// What one probe learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// The primary has the object, last modified then.
+    Modified(SystemTime),
+    /// The primary answered 404.
+    Missing,
+    /// No usable answer: error, timeout, or a status other than 2xx/404.
+    Failed,
+}
+
+#[derive(Debug)]
+struct Slot {
+    result: OnceCell<(Probe, SystemTime)>,
+}
+
+/// The bounded cache of object ages, shared by all requests.
+#[derive(Debug)]
+pub struct AgeCache {
+    slots: Mutex<HashMap<Box<str>, Arc<Slot>>>,
+    capacity: usize,
+}
+
+impl AgeCache {
+    /// A cache holding at most `capacity` objects.
+    pub fn new(capacity: usize) -> AgeCache {
+        AgeCache {
+            slots: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Number of objects remembered (including probes in flight).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets everything (the primary changed).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<Slot>>> {
+        // A panic while holding this lock cannot leave the map inconsistent.
+        self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The age of `key`, running `probe` only if no usable answer is cached or in flight.
+    pub async fn age<F, Fut>(&self, key: &str, delay: Duration, probe: F) -> Age
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Probe>,
+    {
+        let now = SystemTime::now();
+        let slot = {
+            let mut slots = self.lock();
+            match slots.get(key) {
+                Some(slot) if still_good(slot, delay, now) => Arc::clone(slot),
+                _ => {
+                    if slots.len() >= self.capacity && !slots.contains_key(key) {
+                        // Any entry will do: the cost of a wrong guess is one extra HEAD.
+                        if let Some(victim) = slots.keys().next().cloned() {
+                            slots.remove(&victim);
+                        }
+                    }
+                    let slot = Arc::new(Slot {
+                        result: OnceCell::new(),
+                    });
+                    slots.insert(Box::from(key), Arc::clone(&slot));
+                    slot
+                }
+            }
+        };
+        let (probe, _) = *slot
+            .result
+            .get_or_init(|| async { (probe().await, SystemTime::now()) })
+            .await;
+        if !matches!(probe, Probe::Modified(_)) {
+            let mut slots = self.lock();
+            if slots.get(key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                slots.remove(key);
+            }
+        }
+        match probe {
+            Probe::Modified(t) => Age::Known(now.duration_since(t).unwrap_or(Duration::ZERO)),
+            Probe::Missing => Age::Missing,
+            Probe::Failed => Age::Unknown,
+        }
+    }
+}
+
+/// Whether a slot may answer now: in flight, old for good, or young and not yet due.
+fn still_good(slot: &Slot, delay: Duration, now: SystemTime) -> bool {
+    match slot.result.get() {
+        None => true,
+        Some((Probe::Modified(t), checked)) => {
+            let old_when_checked = checked.duration_since(*t).is_ok_and(|a| a >= delay);
+            old_when_checked || now < *t + delay
+        }
+        Some(_) => false,
+    }
+}
+
+/// Parses a `Last-Modified` header value.
+pub fn parse_last_modified(value: &str) -> Option<SystemTime> {
+    httpdate::parse_http_date(value).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    const DELAY: Duration = Duration::from_secs(900);
+
+    fn ago(secs: u64) -> SystemTime {
+        SystemTime::now() - Duration::from_secs(secs)
+    }
+
+    #[tokio::test]
+    async fn old_objects_are_probed_once() {
+        let cache = AgeCache::new(10);
+        let probes = AtomicUsize::new(0);
+        for _ in 0..3 {
+            let age = cache
+                .age("/b/old", DELAY, || async {
+                    probes.fetch_add(1, Ordering::SeqCst);
+                    Probe::Modified(ago(3600))
+                })
+                .await;
+            assert!(matches!(age, Age::Known(a) if a >= Duration::from_secs(3599)));
+        }
+        assert_eq!(probes.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn young_objects_are_rechecked_once_they_could_have_aged() {
+        let cache = AgeCache::new(10);
+        let probes = AtomicUsize::new(0);
+        let short = Duration::from_millis(400);
+        let probe = || async {
+            probes.fetch_add(1, Ordering::SeqCst);
+            Probe::Modified(SystemTime::now())
+        };
+        let first = cache.age("/b/young", short, probe).await;
+        assert!(matches!(first, Age::Known(a) if a < short));
+        cache.age("/b/young", short, probe).await;
+        assert_eq!(probes.load(Ordering::SeqCst), 1, "not due yet");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cache.age("/b/young", short, probe).await;
+        assert_eq!(probes.load(Ordering::SeqCst), 2, "due: probed again");
+    }
+
+    #[tokio::test]
+    async fn misses_and_failures_are_not_remembered() {
+        let cache = AgeCache::new(10);
+        assert_eq!(cache.age("/b/x", DELAY, || async { Probe::Missing }).await, Age::Missing);
+        assert_eq!(cache.age("/b/x", DELAY, || async { Probe::Failed }).await, Age::Unknown);
+        assert!(cache.is_empty());
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_one_probe() {
+        let cache = Arc::new(AgeCache::new(10));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (cache, probes, gate) = (cache.clone(), probes.clone(), gate.clone());
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .age("/b/shared", DELAY, || async move {
+                        probes.fetch_add(1, Ordering::SeqCst);
+                        gate.notified().await;
+                        Probe::Failed
+                    })
+                    .await
+            }));
+        }
+        // Let every task reach the cache, then release the one probe.
+        while probes.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gate.notify_one();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Age::Unknown);
+        }
+        assert_eq!(probes.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_cache_stays_bounded() {
+        let cache = AgeCache::new(4);
+        for i in 0..20 {
+            cache.age(&format!("/b/{i}"), DELAY, || async { Probe::Modified(ago(3600)) }).await;
+        }
+        assert_eq!(cache.len(), 4);
+    }
+
+    #[test]
+    fn last_modified_parses() {
+        let t = parse_last_modified("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        assert_eq!(t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(), 1_445_412_480);
+        assert_eq!(parse_last_modified("yesterday"), None);
+    }
+}

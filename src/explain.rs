@@ -1,0 +1,78 @@
+//! `mediaroute explain`: the decision for a hypothetical request, without serving.
+
+use std::fmt::Write;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::duration::format_duration;
+use crate::route::{self, Age, ClientContext, RequestFacts};
+use crate::table::RoutingTable;
+
+/// The request to explain.
+#[derive(Debug, Clone)]
+pub struct Question {
+    /// User name; `None` is anonymous.
+    pub user: Option<String>,
+    /// Client address (after any proxies).
+    pub ip: IpAddr,
+    /// HTTP method.
+    pub method: String,
+    /// Request path, with an optional `?query`.
+    pub path: String,
+    /// Object age; `None` assumes older than the delay.
+    pub age: Option<Duration>,
+    /// Pretend health checking marked the replica down.
+    pub replica_down: bool,
+}
+
+/// Decides as the proxy would and describes why, one fact per line.
+pub fn explain(cfg: &Config, q: &Question) -> String {
+    let table = RoutingTable::build(cfg, 1);
+    let (path, query) = match q.path.split_once('?') {
+        Some((p, qs)) => (p, Some(qs)),
+        None => (q.path.as_str(), None),
+    };
+    let method = q.method.to_ascii_uppercase();
+    let ctx = ClientContext {
+        ip: q.ip,
+        user: q.user.as_deref().map(Box::from),
+    };
+    let facts = RequestFacts {
+        read: method == "GET" || method == "HEAD",
+        object: route::is_object(path, query),
+        replica_down: q.replica_down,
+    };
+    let age = match q.age {
+        Some(a) => Age::Known(a),
+        None => Age::Known(Duration::MAX),
+    };
+    let (upstream, reason) = route::decide(&table, &ctx, &facts, age);
+    let mode = table.mode_of(ctx.user.as_deref());
+    let listed = q.user.as_ref().is_some_and(|u| cfg.users.contains_key(u));
+    let mut out = String::new();
+    let _ = writeln!(out, "upstream: {}", upstream.as_str());
+    let _ = writeln!(out, "reason:   {}", reason.as_str());
+    let who = match (&q.user, listed) {
+        (Some(u), true) => format!("{u} (mode {})", mode.as_str()),
+        (Some(u), false) => format!("{u} (not listed: default_mode {})", mode.as_str()),
+        (None, _) => format!("anonymous (default_mode {})", mode.as_str()),
+    };
+    let _ = writeln!(out, "user:     {who}");
+    let inside = if table.networks.contains(q.ip) { "inside" } else { "outside" };
+    let _ = writeln!(out, "client:   {} ({inside} replication.networks)", q.ip);
+    let _ = writeln!(out, "request:  {method} {} ({})", q.path, if facts.object { "object" } else { "not an object" });
+    let delay = format_duration(table.delay);
+    let age = match q.age {
+        Some(a) => format!("{} (delay {delay})", format_duration(a)),
+        None => format!("not given, assumed older than the delay ({delay})"),
+    };
+    let _ = writeln!(out, "age:      {age}");
+    if let Some(bucket) = table.primary.bucket.as_deref() {
+        let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        if first != bucket {
+            let _ = writeln!(out, "note:     bucket {first:?} is not {bucket:?}: the proxy refuses this request with 403");
+        }
+    }
+    out
+}

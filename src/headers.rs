@@ -1,0 +1,84 @@
+//! Header handling shared by requests and responses (RFC 9110 section 7.6.1).
+
+use http::HeaderMap;
+use http::header::{self, HeaderName, HeaderValue};
+
+/// Added to every proxied response: which upstream answered.
+pub static X_MEDIAROUTE_UPSTREAM: HeaderName = HeaderName::from_static("x-mediaroute-upstream");
+/// Added to every proxied response: why that upstream was chosen.
+pub static X_MEDIAROUTE_REASON: HeaderName = HeaderName::from_static("x-mediaroute-reason");
+
+/// Headers that describe one connection, never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including any named in `Connection`.
+///
+/// `Transfer-Encoding` goes too: hyper frames each side's body itself.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// Appends `ip` to `X-Forwarded-For`, joining earlier lines into one.
+pub fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
+    let name = &crate::client::X_FORWARDED_FOR;
+    let mut joined = String::new();
+    for v in headers.get_all(name).iter() {
+        if let Ok(v) = v.to_str() {
+            joined.push_str(v);
+            joined.push_str(", ");
+        }
+    }
+    joined.push_str(&ip.to_string());
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.insert(name.clone(), v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::RANGE, HeaderValue::from_static("bytes=0-9"));
+        h.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"abc\""));
+        remove_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["if-none-match", "range"]);
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        h.append("x-forwarded-for", HeaderValue::from_static("5.6.7.8"));
+        append_forwarded_for(&mut h, "127.0.0.1".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 127.0.0.1");
+    }
+}

@@ -1,0 +1,19 @@
+//! mediaroute: a streaming reverse proxy that serves studio media from an S3 replica
+//! region when a user's setting allows it, and from the primary otherwise.
+
+pub mod access;
+pub mod age;
+pub mod body;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod duration;
+pub mod error;
+pub mod explain;
+pub mod headers;
+pub mod proxy;
+pub mod reload;
+pub mod route;
+pub mod server;
+pub mod table;
+pub mod upstream;

@@ -1,0 +1,307 @@
+//! The request path: decide, rewrite, forward, fall back, stream back.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+
+use crate::access::AccessRecord;
+use crate::age::{AgeCache, Probe, parse_last_modified};
+use crate::body::{ReqBody, RespBody};
+use crate::client;
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::headers::{X_MEDIAROUTE_REASON, X_MEDIAROUTE_UPSTREAM, append_forwarded_for, remove_hop_by_hop};
+use crate::reload::Tables;
+use crate::route::{self, Age, Reason, RequestFacts};
+use crate::table::{RoutingTable, Upstream, UpstreamTarget};
+use crate::upstream::Upstreams;
+
+/// Shared state of the proxy service.
+#[derive(Debug)]
+pub struct Proxy {
+    tables: Arc<Tables>,
+    upstreams: Upstreams,
+    ages: AgeCache,
+    probe_timeout: Duration,
+}
+
+/// A request head ready to be sent to either upstream.
+struct Outgoing {
+    method: Method,
+    headers: HeaderMap,
+    /// The object path as the client sent it (primary bucket).
+    path: Box<str>,
+    /// The query without the user parameter.
+    query: Option<Box<str>>,
+}
+
+impl Proxy {
+    /// Creates the service state.
+    pub fn new(cfg: &Config, tables: Arc<Tables>) -> Proxy {
+        Proxy {
+            tables,
+            upstreams: Upstreams::new(cfg),
+            ages: AgeCache::new(cfg.limits.age_cache_entries),
+            probe_timeout: cfg.limits.age_probe_timeout,
+        }
+    }
+
+    /// The routing table holder.
+    pub fn tables(&self) -> &Arc<Tables> {
+        &self.tables
+    }
+
+    /// The upstream clients and health.
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
+    /// The object-age cache.
+    pub fn ages(&self) -> &AgeCache {
+        &self.ages
+    }
+
+    /// Serves one request from `peer`; never fails (errors become S3-style responses).
+    pub async fn serve(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
+        let table = self.tables.current();
+        let (mut parts, body) = req.into_parts();
+        let mut rec = Box::new(AccessRecord {
+            start: Instant::now(),
+            user: None,
+            client: peer.ip().to_canonical(),
+            method: parts.method.clone(),
+            path: Box::from(parts.uri.path()),
+            status: 0,
+            upstream: None,
+            reason: None,
+            bytes: 0,
+            complete: false,
+            upstream_error: false,
+        });
+        let resp = match self.forward(&table, &mut parts, body, peer, &mut rec).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                match &e {
+                    ProxyError::Unreachable { source, .. } | ProxyError::UpstreamFailed { source, .. } => {
+                        tracing::warn!(error = %e, cause = %error_chain(source), "upstream request failed");
+                    }
+                    _ => tracing::debug!(error = %e, "request refused"),
+                }
+                e.to_response(&rec.path)
+            }
+        };
+        rec.status = resp.status().as_u16();
+        resp.map(|b| b.with_record(rec))
+    }
+
+    async fn forward(
+        &self,
+        table: &RoutingTable,
+        parts: &mut Parts,
+        body: Incoming,
+        peer: SocketAddr,
+        rec: &mut AccessRecord,
+    ) -> Result<Response<RespBody>, ProxyError> {
+        if parts.method == Method::CONNECT || !parts.uri.path().starts_with('/') {
+            return Err(ProxyError::BadRequest("the request target must be a path starting with /"));
+        }
+        let query = parts.uri.query();
+        let ctx = client::context(table, peer.ip(), &parts.headers, query);
+        rec.user = ctx.user.clone();
+        rec.client = ctx.ip;
+        check_bucket(table, parts.uri.path())?;
+
+        let read = parts.method == Method::GET || parts.method == Method::HEAD;
+        let facts = RequestFacts {
+            read,
+            object: route::is_object(parts.uri.path(), query),
+            replica_down: self.upstreams.replica_health.is_down(),
+        };
+        let out = outgoing(table, parts, peer);
+        let age = if route::needs_age(table, &ctx, &facts) {
+            self.probe_age(table, &out).await
+        } else {
+            Age::NotProbed
+        };
+        let (upstream, reason) = route::decide(table, &ctx, &facts, age);
+        rec.upstream = Some(upstream);
+        rec.reason = Some(reason);
+
+        let body = if read { ReqBody::Empty } else { ReqBody::Stream(body) };
+        if upstream == Upstream::Replica {
+            let req = build_request(table, Upstream::Replica, &out, ReqBody::Empty)?;
+            let sent = self.upstreams.send(Upstream::Replica, req, &host_port(&table.replica)).await;
+            let failure = match sent {
+                Ok(resp) if !table.fallback || !replica_missed(resp.status()) => {
+                    return Ok(to_client(resp, Upstream::Replica, reason));
+                }
+                Ok(resp) => format!("status {}", resp.status().as_u16()),
+                Err(e) if !table.fallback => {
+                    return Err(ProxyError::Unreachable { upstream: "replica", source: e });
+                }
+                Err(e) => error_chain(&e),
+            };
+            tracing::debug!(path = &*out.path, why = %failure, "replica missed; falling back to the primary");
+            rec.upstream = Some(Upstream::Primary);
+            rec.reason = Some(Reason::Fallback);
+            let req = build_request(table, Upstream::Primary, &out, ReqBody::Empty)?;
+            return self.send_primary(table, req, Reason::Fallback).await;
+        }
+        let req = build_request(table, Upstream::Primary, &out, body)?;
+        self.send_primary(table, req, reason).await
+    }
+
+    async fn send_primary(
+        &self,
+        table: &RoutingTable,
+        req: Request<ReqBody>,
+        reason: Reason,
+    ) -> Result<Response<RespBody>, ProxyError> {
+        match self.upstreams.send(Upstream::Primary, req, &host_port(&table.primary)).await {
+            Ok(resp) => Ok(to_client(resp, Upstream::Primary, reason)),
+            Err(e) if e.is_connect() => Err(ProxyError::Unreachable { upstream: "primary", source: e }),
+            Err(e) => Err(ProxyError::UpstreamFailed { upstream: "primary", source: e }),
+        }
+    }
+
+    /// Learns the object's age from a `HEAD` to the primary, through the cache.
+    async fn probe_age(&self, table: &RoutingTable, out: &Outgoing) -> Age {
+        self.ages
+            .age(&out.path, table.delay, || async {
+                let mut headers = out.headers.clone();
+                for h in [header::RANGE, header::IF_MATCH, header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE, header::IF_UNMODIFIED_SINCE] {
+                    headers.remove(h);
+                }
+                let head = Outgoing {
+                    method: Method::HEAD,
+                    headers,
+                    path: out.path.clone(),
+                    query: out.query.clone(),
+                };
+                let Ok(req) = build_request(table, Upstream::Primary, &head, ReqBody::Empty) else {
+                    return Probe::Failed;
+                };
+                let sent = tokio::time::timeout(self.probe_timeout, self.upstreams.client().request(req)).await;
+                match sent {
+                    Ok(Ok(resp)) if resp.status().is_success() => resp
+                        .headers()
+                        .get(header::LAST_MODIFIED)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_last_modified)
+                        .map_or(Probe::Failed, Probe::Modified),
+                    Ok(Ok(resp)) if resp.status() == StatusCode::NOT_FOUND => Probe::Missing,
+                    Ok(Ok(resp)) => {
+                        tracing::debug!(status = resp.status().as_u16(), "age probe refused");
+                        Probe::Failed
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %error_chain(&e), "age probe failed");
+                        Probe::Failed
+                    }
+                    Err(_) => {
+                        tracing::debug!("age probe timed out");
+                        Probe::Failed
+                    }
+                }
+            })
+            .await
+    }
+}
+
+/// With bucket mapping, only the primary bucket may be addressed.
+fn check_bucket(table: &RoutingTable, path: &str) -> Result<(), ProxyError> {
+    let Some(bucket) = table.primary.bucket.as_deref() else {
+        return Ok(());
+    };
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    if first == bucket { Ok(()) } else { Err(ProxyError::ForeignBucket) }
+}
+
+/// The statuses that mean "the replica does not have it (yet)" or "the replica is broken".
+fn replica_missed(status: StatusCode) -> bool {
+    status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN || status.is_server_error()
+}
+
+/// Strips identity and hop-by-hop headers and keeps what both upstreams get.
+fn outgoing(table: &RoutingTable, parts: &mut Parts, peer: SocketAddr) -> Outgoing {
+    let query = client::strip_identity(table, &mut parts.headers, parts.uri.query()).map(|q| Box::from(&*q));
+    let mut headers = std::mem::take(&mut parts.headers);
+    remove_hop_by_hop(&mut headers);
+    headers.remove(header::HOST);
+    // hyper answers `100-continue` itself when the body is first read.
+    headers.remove(header::EXPECT);
+    append_forwarded_for(&mut headers, peer.ip().to_canonical());
+    let read = parts.method == Method::GET || parts.method == Method::HEAD;
+    if read {
+        // GET/HEAD go out without a body so they can be retried on the primary.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    Outgoing {
+        method: parts.method.clone(),
+        headers,
+        path: Box::from(parts.uri.path()),
+        query,
+    }
+}
+
+/// Builds the request for one upstream: its scheme and host, its bucket, the client's head.
+fn build_request(table: &RoutingTable, to: Upstream, out: &Outgoing, body: ReqBody) -> Result<Request<ReqBody>, ProxyError> {
+    let target = table.target(to);
+    let mut pq = String::with_capacity(out.path.len() + out.query.as_deref().map_or(0, |q| q.len() + 1) + 16);
+    match (to, table.primary.bucket.as_deref(), target.bucket.as_deref()) {
+        (Upstream::Replica, Some(from), Some(to_bucket)) => {
+            let rest = out.path.trim_start_matches('/').strip_prefix(from).unwrap_or("");
+            pq.push('/');
+            pq.push_str(to_bucket);
+            pq.push_str(rest);
+        }
+        _ => pq.push_str(&out.path),
+    }
+    if let Some(q) = &out.query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    let uri = Uri::builder()
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
+    let mut req = Request::new(body);
+    *req.method_mut() = out.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = out.headers.clone();
+    Ok(req)
+}
+
+/// The upstream's response, cleaned of hop-by-hop headers and labelled.
+fn to_client(resp: Response<Incoming>, upstream: Upstream, reason: Reason) -> Response<RespBody> {
+    let (mut parts, body) = resp.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(X_MEDIAROUTE_UPSTREAM.clone(), HeaderValue::from_static(upstream.as_str()));
+    parts.headers.insert(X_MEDIAROUTE_REASON.clone(), HeaderValue::from_static(reason.as_str()));
+    Response::from_parts(parts, RespBody::upstream(body))
+}
+
+/// `host:port` of an upstream, with the scheme's default port.
+fn host_port(t: &UpstreamTarget) -> String {
+    let default = if t.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 };
+    format!("{}:{}", t.authority.host(), t.authority.port_u16().unwrap_or(default))
+}
+
+/// An error and its causes on one line (hyper's top-level messages are terse).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

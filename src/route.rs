@@ -1,0 +1,174 @@
+//! The routing decision: the rules of DESIGN.md section 2, as a pure function.
+//!
+//! Nothing here does IO or knows about HTTP types; the proxy gathers the facts
+//! (who, where, which request, how old the object is) and asks.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::config::Mode;
+use crate::table::{RoutingTable, Upstream};
+
+/// Why a request went where it went; also the metric label and access-log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Not a GET or HEAD.
+    Write,
+    /// The request addresses no object, or an S3 sub-resource.
+    NotObject,
+    /// The user's mode is `no`.
+    ModeNo,
+    /// Mode `auto` and the client is outside the replica networks.
+    OutsideNetworks,
+    /// The replica is marked down.
+    ReplicaDown,
+    /// The object is younger than the replication delay.
+    TooYoung,
+    /// The object's age could not be learned.
+    AgeUnknown,
+    /// Served by the replica.
+    Replica,
+    /// The replica missed or failed; served by the primary.
+    Fallback,
+}
+
+impl Reason {
+    /// The label used in metrics, logs and explain output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Write => "write",
+            Reason::NotObject => "not-object",
+            Reason::ModeNo => "mode-no",
+            Reason::OutsideNetworks => "outside-networks",
+            Reason::ReplicaDown => "replica-down",
+            Reason::TooYoung => "too-young",
+            Reason::AgeUnknown => "age-unknown",
+            Reason::Replica => "replica",
+            Reason::Fallback => "fallback",
+        }
+    }
+
+    /// Every reason, in rule order.
+    pub const ALL: [Reason; 9] = [
+        Reason::Write,
+        Reason::NotObject,
+        Reason::ModeNo,
+        Reason::OutsideNetworks,
+        Reason::ReplicaDown,
+        Reason::TooYoung,
+        Reason::AgeUnknown,
+        Reason::Replica,
+        Reason::Fallback,
+    ];
+}
+
+/// Who is asking and from where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientContext {
+    /// The client address after PROXY header and `X-Forwarded-For` handling.
+    pub ip: IpAddr,
+    /// The user name, if a trusted peer supplied one.
+    pub user: Option<Box<str>>,
+}
+
+/// What the request is, reduced to what the rules need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestFacts {
+    /// GET or HEAD.
+    pub read: bool,
+    /// The path names an object and the query no S3 sub-resource.
+    pub object: bool,
+    /// Health checking has marked the replica down (read when the request arrived).
+    pub replica_down: bool,
+}
+
+/// What is known of the object's age on the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Age {
+    /// No probe was made (none needed, or `delay = 0`).
+    NotProbed,
+    /// Now minus `Last-Modified`; zero for a timestamp in the future.
+    Known(Duration),
+    /// The primary has no such object.
+    Missing,
+    /// The probe failed or timed out.
+    Unknown,
+}
+
+/// The rules that need no object age (1-5), or `None` when the age decides.
+fn before_age(table: &RoutingTable, ctx: &ClientContext, facts: &RequestFacts) -> Option<Reason> {
+    if !facts.read {
+        return Some(Reason::Write);
+    }
+    if !facts.object {
+        return Some(Reason::NotObject);
+    }
+    match table.mode_of(ctx.user.as_deref()) {
+        Mode::No => return Some(Reason::ModeNo),
+        Mode::Auto if !table.networks.contains(ctx.ip) => return Some(Reason::OutsideNetworks),
+        Mode::Auto | Mode::Yes => {}
+    }
+    if facts.replica_down {
+        return Some(Reason::ReplicaDown);
+    }
+    None
+}
+
+/// Whether the decision depends on the object's age, so a probe is worth making.
+pub fn needs_age(table: &RoutingTable, ctx: &ClientContext, facts: &RequestFacts) -> bool {
+    !table.delay.is_zero() && before_age(table, ctx, facts).is_none()
+}
+
+/// Decides which upstream serves the request, and why (rules 1-8, first match wins).
+pub fn decide(
+    table: &RoutingTable,
+    ctx: &ClientContext,
+    facts: &RequestFacts,
+    age: Age,
+) -> (Upstream, Reason) {
+    if let Some(reason) = before_age(table, ctx, facts) {
+        return (Upstream::Primary, reason);
+    }
+    if !table.delay.is_zero() {
+        match age {
+            Age::Known(a) if a < table.delay => return (Upstream::Primary, Reason::TooYoung),
+            Age::Known(_) => {}
+            // The primary lacks the object, so the replica cannot have it either.
+            Age::Missing => return (Upstream::Primary, Reason::TooYoung),
+            Age::Unknown | Age::NotProbed => return (Upstream::Primary, Reason::AgeUnknown),
+        }
+    }
+    (Upstream::Replica, Reason::Replica)
+}
+
+/// S3 query parameters that turn an object or bucket request into a sub-resource one.
+const SUB_RESOURCES: &[&str] = &[
+    "accelerate", "acl", "analytics", "attributes", "cors", "delete", "encryption",
+    "intelligent-tiering", "inventory", "legal-hold", "lifecycle", "list-type", "location",
+    "logging", "metrics", "notification", "object-lock", "ownershipControls", "policy",
+    "policyStatus", "publicAccessBlock", "replication", "requestPayment", "restore",
+    "retention", "select", "tagging", "torrent", "uploadId", "uploads", "versioning",
+    "versions", "website",
+];
+
+/// Whether a path and query address one object (rule 2 is the negation).
+///
+/// `/`, `/{bucket}` and `/{bucket}/` name no object; a query naming an S3
+/// sub-resource (`?acl`, `?uploadId=...`) is not a plain object read either.
+pub fn is_object(path: &str, query: Option<&str>) -> bool {
+    let rest = path.strip_prefix('/').unwrap_or(path);
+    let Some((bucket, key)) = rest.split_once('/') else {
+        return false;
+    };
+    if bucket.is_empty() || key.is_empty() {
+        return false;
+    }
+    let Some(query) = query else { return true };
+    !query.split('&').any(|pair| {
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+        SUB_RESOURCES.contains(&name)
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,202 @@
+//! One test per rule of DESIGN.md section 2, plus the edges.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+use crate::config;
+use crate::table::RoutingTable;
+
+const BASE: &str = r#"
+[listen]
+addr = "127.0.0.1:0"
+[identity]
+trusted_proxies = ["127.0.0.0/8"]
+[primary]
+url = "http://127.0.0.1:9001"
+[replica]
+url = "http://127.0.0.1:9002"
+[replication]
+default_mode = "no"
+networks = ["10.20.0.0/16", "2001:db8::/32"]
+delay = "15m"
+users_file = "users.toml"
+[users]
+alice = "yes"
+bob = "auto"
+carol = "no"
+dave = "yes"
+"#;
+
+const USERS_FILE: &str = r#"
+dave = "no"
+erin = "yes"
+"#;
+
+/// The base table with one line of the config replaced.
+fn table_with(line: &str, replacement: &str) -> RoutingTable {
+    assert!(BASE.contains(line));
+    let src = BASE.replace(line, replacement);
+    let cfg = config::parse(Path::new("/etc/mediaroute/mediaroute.toml"), &src, &|p: &Path| {
+        assert_eq!(p, Path::new("/etc/mediaroute/users.toml"));
+        Ok(USERS_FILE.to_string())
+    })
+    .unwrap();
+    RoutingTable::build(&cfg, 1)
+}
+
+fn table() -> RoutingTable {
+    table_with("", "")
+}
+
+fn ctx(user: Option<&str>, ip: &str) -> ClientContext {
+    ClientContext {
+        ip: ip.parse().unwrap(),
+        user: user.map(Box::from),
+    }
+}
+
+const GET: RequestFacts = RequestFacts {
+    read: true,
+    object: true,
+    replica_down: false,
+};
+const OLD: Age = Age::Known(Duration::from_secs(3600));
+const INSIDE: &str = "10.20.1.2";
+const OUTSIDE: &str = "192.0.2.1";
+
+#[test]
+fn rule1_writes_go_to_the_primary() {
+    let facts = RequestFacts { read: false, ..GET };
+    let got = decide(&table(), &ctx(Some("alice"), INSIDE), &facts, OLD);
+    assert_eq!(got, (Upstream::Primary, Reason::Write));
+}
+
+#[test]
+fn rule2_not_an_object() {
+    let facts = RequestFacts { object: false, ..GET };
+    let got = decide(&table(), &ctx(Some("alice"), INSIDE), &facts, OLD);
+    assert_eq!(got, (Upstream::Primary, Reason::NotObject));
+}
+
+#[test]
+fn rule3_mode_no() {
+    let got = decide(&table(), &ctx(Some("carol"), INSIDE), &GET, OLD);
+    assert_eq!(got, (Upstream::Primary, Reason::ModeNo));
+}
+
+#[test]
+fn rule3_unknown_and_anonymous_users_get_default_mode() {
+    let t = table();
+    assert_eq!(decide(&t, &ctx(Some("zed"), INSIDE), &GET, OLD).1, Reason::ModeNo);
+    assert_eq!(decide(&t, &ctx(None, INSIDE), &GET, OLD).1, Reason::ModeNo);
+    let yes = table_with("default_mode = \"no\"", "default_mode = \"yes\"");
+    assert_eq!(decide(&yes, &ctx(None, OUTSIDE), &GET, OLD), (Upstream::Replica, Reason::Replica));
+    assert_eq!(decide(&yes, &ctx(Some("zed"), OUTSIDE), &GET, OLD), (Upstream::Replica, Reason::Replica));
+}
+
+#[test]
+fn rule4_auto_outside_networks() {
+    let got = decide(&table(), &ctx(Some("bob"), OUTSIDE), &GET, OLD);
+    assert_eq!(got, (Upstream::Primary, Reason::OutsideNetworks));
+}
+
+#[test]
+fn rule4_auto_inside_networks_ipv6_and_mapped() {
+    let t = table();
+    for ip in [INSIDE, "2001:db8::7", "::ffff:10.20.9.9"] {
+        assert_eq!(decide(&t, &ctx(Some("bob"), ip), &GET, OLD), (Upstream::Replica, Reason::Replica), "{ip}");
+    }
+    assert_eq!(decide(&t, &ctx(Some("bob"), "::ffff:10.21.0.1"), &GET, OLD).1, Reason::OutsideNetworks);
+}
+
+#[test]
+fn rule5_replica_down() {
+    let facts = RequestFacts { replica_down: true, ..GET };
+    let got = decide(&table(), &ctx(Some("alice"), INSIDE), &facts, OLD);
+    assert_eq!(got, (Upstream::Primary, Reason::ReplicaDown));
+}
+
+#[test]
+fn rule6_too_young() {
+    let young = Age::Known(Duration::from_secs(60));
+    let t = table();
+    assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, young), (Upstream::Primary, Reason::TooYoung));
+    // Exactly `delay` old is old enough.
+    let edge = Age::Known(Duration::from_secs(900));
+    assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, edge).1, Reason::Replica);
+    // Missing on the primary: the replica cannot have it yet.
+    assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, Age::Missing).1, Reason::TooYoung);
+}
+
+#[test]
+fn rule7_age_unknown() {
+    let t = table();
+    for age in [Age::Unknown, Age::NotProbed] {
+        assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, age), (Upstream::Primary, Reason::AgeUnknown));
+    }
+}
+
+#[test]
+fn rule8_replica() {
+    let got = decide(&table(), &ctx(Some("alice"), OUTSIDE), &GET, OLD);
+    assert_eq!(got, (Upstream::Replica, Reason::Replica));
+}
+
+#[test]
+fn zero_delay_needs_no_age() {
+    let t = table_with("delay = \"15m\"", "delay = \"0s\"");
+    let c = ctx(Some("alice"), INSIDE);
+    assert!(!needs_age(&t, &c, &GET));
+    assert_eq!(decide(&t, &c, &GET, Age::NotProbed), (Upstream::Replica, Reason::Replica));
+}
+
+#[test]
+fn age_is_only_needed_when_rules_1_to_5_pass() {
+    let t = table();
+    assert!(needs_age(&t, &ctx(Some("alice"), INSIDE), &GET));
+    assert!(!needs_age(&t, &ctx(Some("carol"), INSIDE), &GET));
+    assert!(!needs_age(&t, &ctx(Some("bob"), OUTSIDE), &GET));
+    assert!(!needs_age(&t, &ctx(Some("alice"), INSIDE), &RequestFacts { read: false, ..GET }));
+}
+
+#[test]
+fn rules_apply_in_order() {
+    // A write from a `no` user outside the networks is a write first.
+    let facts = RequestFacts { read: false, object: false, replica_down: true };
+    assert_eq!(decide(&table(), &ctx(Some("bob"), OUTSIDE), &facts, Age::Unknown).1, Reason::Write);
+    let facts = RequestFacts { object: false, replica_down: true, ..GET };
+    assert_eq!(decide(&table(), &ctx(Some("carol"), OUTSIDE), &facts, Age::Unknown).1, Reason::NotObject);
+    let facts = RequestFacts { replica_down: true, ..GET };
+    assert_eq!(decide(&table(), &ctx(Some("bob"), OUTSIDE), &facts, Age::Unknown).1, Reason::OutsideNetworks);
+    assert_eq!(decide(&table(), &ctx(Some("alice"), OUTSIDE), &facts, Age::Unknown).1, Reason::ReplicaDown);
+}
+
+#[test]
+fn users_section_wins_over_users_file() {
+    let t = table();
+    // dave is "yes" in [users] and "no" in the users file.
+    assert_eq!(decide(&t, &ctx(Some("dave"), OUTSIDE), &GET, OLD).1, Reason::Replica);
+    // erin is only in the users file.
+    assert_eq!(decide(&t, &ctx(Some("erin"), OUTSIDE), &GET, OLD).1, Reason::Replica);
+}
+
+#[test]
+fn object_paths() {
+    assert!(is_object("/media/movie.mov", None));
+    assert!(is_object("/media/a/b/c.exr", Some("versionId=3")));
+    assert!(is_object("/media/clip.mov", Some("partNumber=2")));
+    for (path, query) in [
+        ("/", None),
+        ("/media", None),
+        ("/media/", None),
+        ("//key", None),
+        ("/media/key", Some("acl")),
+        ("/media/key", Some("tagging")),
+        ("/media/key", Some("uploadId=abc")),
+        ("/media/key", Some("x=1&uploads")),
+        ("/media/", Some("list-type=2")),
+    ] {
+        assert!(!is_object(path, query), "{path} {query:?}");
+    }
+}

@@ -1,0 +1,250 @@
+//! The routing table: an immutable snapshot built once per config load.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+
+use crate::config::{Config, Mode};
+
+/// One of the two upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Upstream {
+    /// The region where media is uploaded.
+    Primary,
+    /// The region S3 Replication copies to.
+    Replica,
+}
+
+impl Upstream {
+    /// The label used in headers, metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Upstream::Primary => "primary",
+            Upstream::Replica => "replica",
+        }
+    }
+}
+
+/// A set of IP ranges with logarithmic lookup.
+///
+/// Ranges are merged into sorted, disjoint intervals, so overlapping and nested
+/// ranges cost nothing and a lookup is one binary search.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetSet {
+    v4: Vec<(u32, u32)>,
+    v6: Vec<(u128, u128)>,
+}
+
+impl NetSet {
+    /// Builds the set from any ranges, IPv4 and IPv6 mixed.
+    pub fn new<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> NetSet {
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for net in nets {
+            match net {
+                IpNet::V4(n) => v4.push((u32::from(n.network()), u32::from(n.broadcast()))),
+                IpNet::V6(n) => v6.push((u128::from(n.network()), u128::from(n.broadcast()))),
+            }
+        }
+        NetSet {
+            v4: merge(v4),
+            v6: merge(v6),
+        }
+    }
+
+    /// Whether `ip` is in any range; IPv4-mapped IPv6 addresses count as IPv4.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match ip.to_canonical() {
+            IpAddr::V4(a) => lookup(&self.v4, u32::from(a)),
+            IpAddr::V6(a) => lookup(&self.v6, u128::from(a)),
+        }
+    }
+
+    /// Number of disjoint intervals after merging.
+    pub fn intervals(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+}
+
+fn merge<T: Ord + Copy + num_succ::Succ>(mut v: Vec<(T, T)>) -> Vec<(T, T)> {
+    v.sort_unstable();
+    let mut out: Vec<(T, T)> = Vec::with_capacity(v.len());
+    for (lo, hi) in v {
+        match out.last_mut() {
+            // Overlapping or adjacent: extend the previous interval.
+            Some(last) if last.1.succ().is_none_or(|n| lo <= n) => {
+                if hi > last.1 {
+                    last.1 = hi;
+                }
+            }
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
+fn lookup<T: Ord + Copy>(v: &[(T, T)], x: T) -> bool {
+    // Index of the first interval starting after x; the one before it may hold x.
+    let i = v.partition_point(|&(lo, _)| lo <= x);
+    i > 0 && v[i - 1].1 >= x
+}
+
+mod num_succ {
+    /// The next integer, if any.
+    pub trait Succ: Sized {
+        fn succ(self) -> Option<Self>;
+    }
+    impl Succ for u32 {
+        fn succ(self) -> Option<u32> {
+            self.checked_add(1)
+        }
+    }
+    impl Succ for u128 {
+        fn succ(self) -> Option<u128> {
+            self.checked_add(1)
+        }
+    }
+}
+
+/// Where one upstream is and which bucket it holds.
+#[derive(Debug, Clone)]
+pub struct UpstreamTarget {
+    /// `http` or `https`.
+    pub scheme: http::uri::Scheme,
+    /// Host and port.
+    pub authority: http::uri::Authority,
+    /// Bucket name when buckets are mapped.
+    pub bucket: Option<Box<str>>,
+}
+
+/// Everything a request needs to be routed, frozen at load time.
+#[derive(Debug)]
+pub struct RoutingTable {
+    users: HashMap<Box<str>, Mode>,
+    /// Mode of unlisted and anonymous users.
+    pub default_mode: Mode,
+    /// Replica networks for mode `auto`.
+    pub networks: NetSet,
+    /// Peers believed for `X-Forwarded-For` and the user header.
+    pub trusted_proxies: NetSet,
+    /// Header carrying the user name (lower-case).
+    pub user_header: Option<http::HeaderName>,
+    /// Query parameter carrying the user name.
+    pub user_query: Option<Box<str>>,
+    /// Minimum object age before the replica may serve it.
+    pub delay: Duration,
+    /// Retry replica misses on the primary.
+    pub fallback: bool,
+    /// The primary upstream.
+    pub primary: UpstreamTarget,
+    /// The replica upstream.
+    pub replica: UpstreamTarget,
+    /// Load counter, starting at 1.
+    pub generation: u64,
+    /// When this table was built.
+    pub loaded_at: SystemTime,
+}
+
+impl RoutingTable {
+    /// Builds the table from a checked config.
+    pub fn build(cfg: &Config, generation: u64) -> RoutingTable {
+        let users = cfg
+            .users
+            .iter()
+            .map(|(name, mode)| (Box::from(name.as_str()), *mode))
+            .collect();
+        RoutingTable {
+            users,
+            default_mode: cfg.replication.default_mode,
+            networks: NetSet::new(&cfg.replication.networks),
+            trusted_proxies: NetSet::new(&cfg.identity.trusted_proxies),
+            user_header: cfg
+                .identity
+                .user_header
+                .as_deref()
+                .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
+            user_query: cfg.identity.user_query.as_deref().map(Box::from),
+            delay: cfg.replication.delay,
+            fallback: cfg.replication.fallback,
+            primary: target(&cfg.primary),
+            replica: target(&cfg.replica),
+            generation,
+            loaded_at: SystemTime::now(),
+        }
+    }
+
+    /// The mode that applies to `user` (`None` is anonymous).
+    pub fn mode_of(&self, user: Option<&str>) -> Mode {
+        user.and_then(|u| self.users.get(u).copied())
+            .unwrap_or(self.default_mode)
+    }
+
+    /// Number of listed users.
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// The target of one upstream.
+    pub fn target(&self, which: Upstream) -> &UpstreamTarget {
+        match which {
+            Upstream::Primary => &self.primary,
+            Upstream::Replica => &self.replica,
+        }
+    }
+}
+
+fn target(u: &crate::config::UpstreamConfig) -> UpstreamTarget {
+    let parts = u.url.clone().into_parts();
+    UpstreamTarget {
+        scheme: parts.scheme.unwrap_or(http::uri::Scheme::HTTP),
+        authority: parts
+            .authority
+            .unwrap_or_else(|| http::uri::Authority::from_static("localhost")),
+        bucket: u.bucket.as_deref().map(Box::from),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(nets: &[&str]) -> NetSet {
+        let nets: Vec<IpNet> = nets.iter().map(|n| n.parse().unwrap()).collect();
+        NetSet::new(&nets)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn nested_and_overlapping_ranges_merge() {
+        let s = set(&["10.0.0.0/8", "10.20.0.0/16", "10.255.0.0/16", "11.0.0.0/8", "192.168.1.0/24"]);
+        assert_eq!(s.v4, vec![(0x0a00_0000, 0x0bff_ffff), (0xc0a8_0100, 0xc0a8_01ff)]);
+        assert!(s.contains(ip("10.20.3.4")));
+        assert!(s.contains(ip("11.255.255.255")));
+        assert!(!s.contains(ip("12.0.0.0")));
+        assert!(!s.contains(ip("9.255.255.255")));
+        assert!(s.contains(ip("192.168.1.0")));
+        assert!(!s.contains(ip("192.168.2.0")));
+    }
+
+    #[test]
+    fn ipv6_and_mapped_ipv4() {
+        let s = set(&["2001:db8::/32", "10.20.0.0/16"]);
+        assert!(s.contains(ip("2001:db8::1")));
+        assert!(!s.contains(ip("2001:db9::1")));
+        assert!(s.contains(ip("::ffff:10.20.0.9")));
+        assert!(!s.contains(ip("::ffff:10.21.0.9")));
+    }
+
+    #[test]
+    fn whole_address_space_and_empty() {
+        let all = set(&["0.0.0.0/0", "::/0"]);
+        assert!(all.contains(ip("255.255.255.255")));
+        assert!(all.contains(ip("ffff::1")));
+        assert!(!NetSet::default().contains(ip("127.0.0.1")));
+    }
+}
