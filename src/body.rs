@@ -106,12 +106,18 @@ impl Body for RespBody {
             Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
             Inner::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
         };
+        let ended = match &this.inner {
+            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Full(b) => b.is_end_stream(),
+        };
         if let Some(rec) = this.record.as_deref_mut() {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
                         rec.bytes += data.len() as u64;
                     }
+                    // With a known length hyper stops polling after the last byte.
+                    rec.complete = ended;
                 }
                 Poll::Ready(None) => rec.complete = true,
                 Poll::Ready(Some(Err(_))) => rec.upstream_error = true,

@@ -1,0 +1,263 @@
+//! Shared test harness: real upstream servers on loopback port 0 and the proxy in front.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use mediaroute::config;
+use mediaroute::demo::store::{self, Store, StoreServer};
+use mediaroute::server::{self, Running};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub const PB: &str = "studio-media";
+pub const RB: &str = "studio-media-eu";
+
+/// Replica networks used by every test config.
+pub const INSIDE: &str = "10.20.1.2";
+pub const OUTSIDE: &str = "198.51.100.9";
+
+/// An object path in the primary bucket.
+pub fn obj(key: &str) -> String {
+    format!("/{PB}/{key}")
+}
+
+/// The config every test starts from; `extra` is appended to `[replication]`
+/// and `tail` after the `[users]` table.
+pub fn config_text(primary: SocketAddr, replica: SocketAddr, replication: &str, tail: &str) -> String {
+    format!(
+        r#"
+[listen]
+addr = "127.0.0.1:0"
+[identity]
+user_header = "X-Forwarded-User"
+user_query = "user"
+trusted_proxies = ["127.0.0.0/8", "::1/128"]
+[primary]
+url = "http://{primary}"
+bucket = "{PB}"
+[replica]
+url = "http://{replica}"
+bucket = "{RB}"
+[replication]
+default_mode = "no"
+networks = ["10.20.0.0/16", "2001:db8::/32"]
+{replication}
+[users]
+alice = "yes"
+bob = "auto"
+carol = "no"
+{tail}
+"#
+    )
+}
+
+/// Starts the proxy in-process on a config text.
+pub async fn start_proxy(text: &str) -> Running {
+    let cfg = config::parse(Path::new("test.toml"), text, &|_| Ok(String::new())).expect("test config is valid");
+    server::start(cfg).await.expect("proxy starts")
+}
+
+/// Two demo stores plus the proxy.
+pub struct Setup {
+    pub primary: StoreServer,
+    pub replica: StoreServer,
+    pub proxy: Running,
+    pub client: reqwest::Client,
+}
+
+impl Setup {
+    /// Stores on port 0 and the proxy with `replication` settings (e.g. `delay = "15m"`).
+    pub async fn new(replication: &str) -> Setup {
+        Setup::with_tail(replication, "").await
+    }
+
+    /// Like `new`, with extra config tables after `[users]`.
+    pub async fn with_tail(replication: &str, tail: &str) -> Setup {
+        let primary = store::serve(loopback0(), Store::new("primary")).await.unwrap();
+        let replica = store::serve(loopback0(), Store::new("replica")).await.unwrap();
+        let proxy = start_proxy(&config_text(primary.addr, replica.addr, replication, tail)).await;
+        Setup {
+            primary,
+            replica,
+            proxy,
+            client: client(),
+        }
+    }
+
+    /// Puts `key` on the primary (and on the replica if `replicated`), `age` old,
+    /// with bodies that say where they came from.
+    pub fn media(&self, key: &str, replicated: bool, age: Duration) {
+        let at = SystemTime::now() - age;
+        self.primary.store.put(&format!("/{PB}/{key}"), format!("primary:{key}"), at);
+        if replicated {
+            self.replica.store.put(&format!("/{RB}/{key}"), format!("replica:{key}"), at);
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy.addr)
+    }
+
+    /// GET as `user` from `xff` (sent as X-Forwarded-For by the trusted loopback peer).
+    pub async fn get_as(&self, path: &str, user: Option<&str>, xff: Option<&str>) -> Answer {
+        let mut req = self.client.get(self.url(path));
+        if let Some(u) = user {
+            req = req.header("x-forwarded-user", u);
+        }
+        if let Some(x) = xff {
+            req = req.header("x-forwarded-for", x);
+        }
+        Answer::from(req.send().await.expect("proxy answers")).await
+    }
+}
+
+/// A response, read whole (test objects are small).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub upstream: String,
+    pub reason: String,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    pub async fn from(resp: reqwest::Response) -> Answer {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let (upstream, reason) = (h("x-mediaroute-upstream"), h("x-mediaroute-reason"));
+        let body = resp.text().await.unwrap_or_default();
+        Answer {
+            status,
+            upstream,
+            reason,
+            headers,
+            body,
+        }
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+pub fn loopback0() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// An address where nothing listens (bound, then released).
+pub async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind(loopback0()).await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A hyper server running `handler` on loopback port 0; stopped when dropped.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).boxed()
+}
+
+/// Serves `handler` for every request.
+pub async fn serve_fn<F, Fut>(addr: SocketAddr, handler: F) -> TestServer
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h2 = Arc::clone(&hits);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let handler = handler.clone();
+            let hits = Arc::clone(&h2);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    TestServer { addr, hits, task }
+}
+
+/// A server answering every request with `status` and a short body.
+pub async fn status_server(status: u16) -> TestServer {
+    serve_fn(loopback0(), move |_req| async move {
+        let mut r = Response::new(full(format!("status {status}")));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        r
+    })
+    .await
+}
+
+/// A server that echoes the request head as text: method, target, then `name: value` lines.
+pub async fn echo_server() -> TestServer {
+    serve_fn(loopback0(), |req: Request<Incoming>| async move {
+        let mut s = format!("{} {}\n", req.method(), req.uri());
+        for (k, v) in req.headers() {
+            s.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+        }
+        let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+        s.push_str(&format!("body-bytes: {body}\n"));
+        Response::new(full(s))
+    })
+    .await
+}
+
+/// The byte at offset `i` of the generated test pattern.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
+/// A streamed body of `len` pattern bytes in 64 KiB chunks; `alive` counts live streams.
+pub fn pattern_body(len: u64, alive: Arc<AtomicUsize>) -> TestBody {
+    struct Live(Arc<AtomicUsize>);
+    impl Drop for Live {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    alive.fetch_add(1, Ordering::SeqCst);
+    let live = Live(alive);
+    const CHUNK: u64 = 64 * 1024;
+    let stream = futures_util::stream::unfold((0u64, live), move |(off, live)| async move {
+        if off >= len {
+            return None;
+        }
+        let n = CHUNK.min(len - off);
+        let chunk: Vec<u8> = (off..off + n).map(pattern_byte).collect();
+        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))), (off + n, live)))
+    });
+    StreamBody::new(stream).boxed()
+}
