@@ -415,11 +415,15 @@ impl Validator<'_> {
         let primary = self.upstream(raw.primary, "primary");
         let replica = self.upstream(raw.replica, "replica");
         self.buckets(&primary, &replica);
-        let replication = self.replication(raw.replication);
+        let users_file = raw.replication.users_file.as_ref().map(|f| {
+            let base = self.file.parent().unwrap_or(Path::new("."));
+            base.join(f.get_ref())
+        });
+        let replication = self.replication(raw.replication, users_file.clone());
         let mut users = BTreeMap::new();
         let mut overridden_users = Vec::new();
-        if let Some(file) = replication.as_ref().and_then(|r| r.users_file.clone()) {
-            users = self.users_file(&file, read_users);
+        if let Some(file) = &users_file {
+            users = self.users_file(file, read_users);
         }
         for (name, mode) in &raw.users {
             if let Some(m) = self.mode(mode, &format!("users.{}", quote_key(name))) {
@@ -639,7 +643,7 @@ impl Validator<'_> {
         d
     }
 
-    fn replication(&mut self, raw: RawReplication) -> Option<Replication> {
+    fn replication(&mut self, raw: RawReplication, users_file: Option<PathBuf>) -> Option<Replication> {
         let default_mode = match &raw.default_mode {
             Some(s) => self.mode(s, "replication.default_mode"),
             None => Some(Mode::No),
@@ -649,10 +653,6 @@ impl Validator<'_> {
         if raw.sign_anonymous.is_some() {
             self.err_nowhere("replication.sign_anonymous", "only used with auth = \"sigv4\", which is not available in this version");
         }
-        let users_file = raw.users_file.as_ref().map(|f| {
-            let base = self.file.parent().unwrap_or(Path::new("."));
-            base.join(f.get_ref())
-        });
         Some(Replication {
             default_mode: default_mode?,
             networks: networks?,

@@ -75,10 +75,15 @@ pub fn demo_config(path: Option<&Path>) -> Result<Config, ConfigErrors> {
     }
 }
 
-/// Starts both sample upstreams and the proxy.
-pub async fn start(cfg: Config) -> Result<Demo, DemoError> {
+/// Starts both sample upstreams and the proxy (port 0 in the config picks free ports).
+pub async fn start(mut cfg: Config) -> Result<Demo, DemoError> {
     let primary = start_store(&cfg, "primary").await?;
     let replica = start_store(&cfg, "replica").await?;
+    for (url, addr) in [(&mut cfg.primary.url, primary.addr), (&mut cfg.replica.url, replica.addr)] {
+        if let Ok(u) = format!("http://{addr}").parse() {
+            *url = u;
+        }
+    }
     let now = SystemTime::now();
     let pb = cfg.primary.bucket.clone().unwrap_or_else(|| "media".into());
     let rb = cfg.replica.bucket.clone().unwrap_or_else(|| pb.clone());
