@@ -368,7 +368,11 @@ fn key_at(src: &str, line: usize) -> Option<String> {
         .find(|l| l.starts_with('['))
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
     if here.starts_with('[') {
-        return Some(here.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+        return Some(
+            here.trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string(),
+        );
     }
     let key = here.split('=').next()?.trim().trim_matches('"');
     if key.is_empty() || here.starts_with('#') {
@@ -426,10 +430,10 @@ impl Validator<'_> {
             users = self.users_file(file, read_users);
         }
         for (name, mode) in &raw.users {
-            if let Some(m) = self.mode(mode, &format!("users.{}", quote_key(name))) {
-                if users.insert(name.clone(), m).is_some() {
-                    overridden_users.push(name.clone());
-                }
+            if let Some(m) = self.mode(mode, &format!("users.{}", quote_key(name)))
+                && users.insert(name.clone(), m).is_some()
+            {
+                overridden_users.push(name.clone());
             }
         }
         let limits = self.limits(raw.limits);
@@ -505,7 +509,11 @@ impl Validator<'_> {
         let mut ok = true;
         let user_header = match &raw.user_header {
             Some(s) if http::HeaderName::from_bytes(s.get_ref().as_bytes()).is_err() => {
-                self.err_at(s.span(), "identity.user_header", format!("{:?} is not a valid header name", s.get_ref()));
+                self.err_at(
+                    s.span(),
+                    "identity.user_header",
+                    format!("{:?} is not a valid header name", s.get_ref()),
+                );
                 ok = false;
                 None
             }
@@ -515,7 +523,11 @@ impl Validator<'_> {
         };
         let user_query = match &raw.user_query {
             Some(s) if s.get_ref().is_empty() || s.get_ref().contains(['&', '=', '#', ' ']) => {
-                self.err_at(s.span(), "identity.user_query", format!("{:?} is not a usable query parameter name", s.get_ref()));
+                self.err_at(
+                    s.span(),
+                    "identity.user_query",
+                    format!("{:?} is not a usable query parameter name", s.get_ref()),
+                );
                 ok = false;
                 None
             }
@@ -559,24 +571,49 @@ impl Validator<'_> {
             && !valid_bucket(b.get_ref())
         {
             ok = false;
-            self.err_at(b.span(), &format!("{name}.bucket"), format!("{:?} is not a valid S3 bucket name (3-63 characters: a-z, 0-9, '.', '-')", b.get_ref()));
+            self.err_at(
+                b.span(),
+                &format!("{name}.bucket"),
+                format!(
+                    "{:?} is not a valid S3 bucket name (3-63 characters: a-z, 0-9, '.', '-')",
+                    b.get_ref()
+                ),
+            );
         }
         let auth = match &raw.auth {
             None => Some(Auth::Pass),
             Some(s) if s.get_ref() == "pass" => Some(Auth::Pass),
             Some(s) if s.get_ref() == "sigv4" => {
-                self.err_at(s.span(), &format!("{name}.auth"), "request signing (\"sigv4\") is not available in this version; use \"pass\"");
+                self.err_at(
+                    s.span(),
+                    &format!("{name}.auth"),
+                    "request signing (\"sigv4\") is not available in this version; use \"pass\"",
+                );
                 None
             }
             Some(s) => {
-                self.err_at(s.span(), &format!("{name}.auth"), format!("{:?} is not an auth mode: expected \"pass\" or \"sigv4\"", s.get_ref()));
+                self.err_at(
+                    s.span(),
+                    &format!("{name}.auth"),
+                    format!(
+                        "{:?} is not an auth mode: expected \"pass\" or \"sigv4\"",
+                        s.get_ref()
+                    ),
+                );
                 None
             }
         };
-        for (opt, key) in [(&raw.credentials_file, "credentials_file"), (&raw.profile, "profile")] {
+        for (opt, key) in [
+            (&raw.credentials_file, "credentials_file"),
+            (&raw.profile, "profile"),
+        ] {
             if let Some(s) = opt {
                 ok = false;
-                self.err_at(s.span(), &format!("{name}.{key}"), "only used with auth = \"sigv4\", which is not available in this version");
+                self.err_at(
+                    s.span(),
+                    &format!("{name}.{key}"),
+                    "only used with auth = \"sigv4\", which is not available in this version",
+                );
             }
         }
         let cfg = UpstreamConfig {
@@ -600,7 +637,9 @@ impl Validator<'_> {
                     Some("must be scheme and host only, without a path or query".to_string())
                 }
                 (Some("http" | "https"), Some(_)) => return Some(u),
-                (Some(other), _) => Some(format!("has scheme {other:?}: only http and https are supported")),
+                (Some(other), _) => Some(format!(
+                    "has scheme {other:?}: only http and https are supported"
+                )),
                 (None, _) => Some("needs a scheme: http:// or https://".to_string()),
             },
         };
@@ -620,8 +659,16 @@ impl Validator<'_> {
             return;
         };
         match (pb, rb) {
-            (Some(b), None) => self.err_at(b.span(), "primary.bucket", "set on the primary only: set replica.bucket too, or neither"),
-            (None, Some(b)) => self.err_at(b.span(), "replica.bucket", "set on the replica only: set primary.bucket too, or neither"),
+            (Some(b), None) => self.err_at(
+                b.span(),
+                "primary.bucket",
+                "set on the primary only: set replica.bucket too, or neither",
+            ),
+            (None, Some(b)) => self.err_at(
+                b.span(),
+                "replica.bucket",
+                "set on the replica only: set primary.bucket too, or neither",
+            ),
             _ => {}
         }
     }
@@ -629,7 +676,14 @@ impl Validator<'_> {
     fn mode(&mut self, s: &S, key: &str) -> Option<Mode> {
         let m = Mode::parse(s.get_ref());
         if m.is_none() {
-            self.err_at(s.span(), key, format!("{:?} is not a mode: expected \"no\", \"yes\" or \"auto\"", s.get_ref()));
+            self.err_at(
+                s.span(),
+                key,
+                format!(
+                    "{:?} is not a mode: expected \"no\", \"yes\" or \"auto\"",
+                    s.get_ref()
+                ),
+            );
         }
         m
     }
@@ -638,20 +692,38 @@ impl Validator<'_> {
         let Some(s) = s else { return Some(default) };
         let d = parse_duration(s.get_ref());
         if d.is_none() {
-            self.err_at(s.span(), key, format!("{:?} is not a duration (e.g. \"15m\", \"30s\", \"250ms\", \"1h\")", s.get_ref()));
+            self.err_at(
+                s.span(),
+                key,
+                format!(
+                    "{:?} is not a duration (e.g. \"15m\", \"30s\", \"250ms\", \"1h\")",
+                    s.get_ref()
+                ),
+            );
         }
         d
     }
 
-    fn replication(&mut self, raw: RawReplication, users_file: Option<PathBuf>) -> Option<Replication> {
+    fn replication(
+        &mut self,
+        raw: RawReplication,
+        users_file: Option<PathBuf>,
+    ) -> Option<Replication> {
         let default_mode = match &raw.default_mode {
             Some(s) => self.mode(s, "replication.default_mode"),
             None => Some(Mode::No),
         };
         let networks = self.cidrs(&raw.networks, "replication.networks");
-        let delay = self.duration(&raw.delay, "replication.delay", Duration::from_secs(15 * 60));
+        let delay = self.duration(
+            &raw.delay,
+            "replication.delay",
+            Duration::from_secs(15 * 60),
+        );
         if raw.sign_anonymous.is_some() {
-            self.err_nowhere("replication.sign_anonymous", "only used with auth = \"sigv4\", which is not available in this version");
+            self.err_nowhere(
+                "replication.sign_anonymous",
+                "only used with auth = \"sigv4\", which is not available in this version",
+            );
         }
         Some(Replication {
             default_mode: default_mode?,
@@ -672,7 +744,10 @@ impl Validator<'_> {
         let src = match read(file) {
             Ok(s) => s,
             Err(e) => {
-                self.err_nowhere("replication.users_file", format!("cannot read {}: {e}", file.display()));
+                self.err_nowhere(
+                    "replication.users_file",
+                    format!("cannot read {}: {e}", file.display()),
+                );
                 return users;
             }
         };
@@ -698,8 +773,16 @@ impl Validator<'_> {
     }
 
     fn limits(&mut self, raw: RawLimits) -> Option<Limits> {
-        let connect = self.duration(&raw.upstream_connect_timeout, "limits.upstream_connect_timeout", Duration::from_secs(3));
-        let probe = self.duration(&raw.age_probe_timeout, "limits.age_probe_timeout", Duration::from_secs(2));
+        let connect = self.duration(
+            &raw.upstream_connect_timeout,
+            "limits.upstream_connect_timeout",
+            Duration::from_secs(3),
+        );
+        let probe = self.duration(
+            &raw.age_probe_timeout,
+            "limits.age_probe_timeout",
+            Duration::from_secs(2),
+        );
         let entries = self.positive(&raw.age_cache_entries, "limits.age_cache_entries", 100_000);
         Some(Limits {
             upstream_connect_timeout: connect?,
@@ -713,7 +796,15 @@ impl Validator<'_> {
         match u32::try_from(*v.get_ref()) {
             Ok(n) if n > 0 => Some(n),
             _ => {
-                self.err_at(v.span(), key, format!("{} is out of range: expected 1 to {}", v.get_ref(), u32::MAX));
+                self.err_at(
+                    v.span(),
+                    key,
+                    format!(
+                        "{} is out of range: expected 1 to {}",
+                        v.get_ref(),
+                        u32::MAX
+                    ),
+                );
                 None
             }
         }
@@ -721,7 +812,11 @@ impl Validator<'_> {
 
     fn health(&mut self, raw: RawHealth) -> Option<Health> {
         let fall = self.positive(&raw.fall, "health.fall", 3);
-        let retry = self.duration(&raw.retry_interval, "health.retry_interval", Duration::from_secs(2));
+        let retry = self.duration(
+            &raw.retry_interval,
+            "health.retry_interval",
+            Duration::from_secs(2),
+        );
         Some(Health {
             fall: fall?,
             retry_interval: retry?,
@@ -734,18 +829,31 @@ impl Validator<'_> {
             Some(s) if s.get_ref() == "text" => Some(false),
             Some(s) if s.get_ref() == "json" => Some(true),
             Some(s) => {
-                self.err_at(s.span(), "log.format", format!("{:?} is not a log format: expected \"text\" or \"json\"", s.get_ref()));
+                self.err_at(
+                    s.span(),
+                    "log.format",
+                    format!(
+                        "{:?} is not a log format: expected \"text\" or \"json\"",
+                        s.get_ref()
+                    ),
+                );
                 None
             }
         };
-        let level = raw.level.map_or_else(|| "info".to_string(), Spanned::into_inner);
+        let level = raw
+            .level
+            .map_or_else(|| "info".to_string(), Spanned::into_inner);
         Some(Log { json: json?, level })
     }
 }
 
 /// Quotes a TOML key when it is not a bare key.
 fn quote_key(name: &str) -> String {
-    if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         name.to_string()
     } else {
         format!("{name:?}")
@@ -764,7 +872,8 @@ pub fn parse_cidr(s: &str) -> Option<IpNet> {
 /// S3 bucket naming rules, loosely: 3-63 of a-z, 0-9, '.', '-'.
 fn valid_bucket(b: &str) -> bool {
     (3..=63).contains(&b.len())
-        && b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
+        && b.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
         && !b.starts_with(['.', '-'])
         && !b.ends_with(['.', '-'])
 }

@@ -42,7 +42,7 @@ pub fn format_duration(d: Duration) -> String {
         return "0s".to_string();
     }
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let mut secs = d.as_secs();
@@ -73,7 +73,16 @@ mod tests {
 
     #[test]
     fn rejects_nonsense() {
-        for bad in ["", "15", "m", "15x", "1.5s", "-1s", "15 m", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "15",
+            "m",
+            "15x",
+            "1.5s",
+            "-1s",
+            "15 m",
+            "99999999999999999999d",
+        ] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
     }

@@ -59,9 +59,22 @@ pub fn explain(cfg: &Config, q: &Question) -> String {
         (None, _) => format!("anonymous (default_mode {})", mode.as_str()),
     };
     let _ = writeln!(out, "user:     {who}");
-    let inside = if table.networks.contains(q.ip) { "inside" } else { "outside" };
+    let inside = if table.networks.contains(q.ip) {
+        "inside"
+    } else {
+        "outside"
+    };
     let _ = writeln!(out, "client:   {} ({inside} replication.networks)", q.ip);
-    let _ = writeln!(out, "request:  {method} {} ({})", q.path, if facts.object { "object" } else { "not an object" });
+    let _ = writeln!(
+        out,
+        "request:  {method} {} ({})",
+        q.path,
+        if facts.object {
+            "object"
+        } else {
+            "not an object"
+        }
+    );
     let delay = format_duration(table.delay);
     let age = match q.age {
         Some(a) => format!("{} (delay {delay})", format_duration(a)),
@@ -71,7 +84,10 @@ pub fn explain(cfg: &Config, q: &Question) -> String {
     if let Some(bucket) = table.primary.bucket.as_deref() {
         let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
         if first != bucket {
-            let _ = writeln!(out, "note:     bucket {first:?} is not {bucket:?}: the proxy refuses this request with 403");
+            let _ = writeln!(
+                out,
+                "note:     bucket {first:?} is not {bucket:?}: the proxy refuses this request with 403"
+            );
         }
     }
     out

@@ -104,7 +104,9 @@ fn check(path: Option<&Path>) -> ExitCode {
     match config::load(path) {
         Ok(cfg) => {
             for u in &cfg.overridden_users {
-                println!("warning: user {u:?} is listed in both users_file and [users]; [users] wins");
+                println!(
+                    "warning: user {u:?} is listed in both users_file and [users]; [users] wins"
+                );
             }
             println!(
                 "{}: ok ({} users, {} replica networks, delay {})",
@@ -127,7 +129,8 @@ fn check(path: Option<&Path>) -> ExitCode {
 
 fn init_logging(cfg: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -181,14 +184,21 @@ async fn wait_for_stop() {
 }
 
 fn run_demo(path: Option<&Path>) -> anyhow::Result<()> {
-    let cfg = demo::demo_config(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let cfg =
+        demo::demo_config(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
     init_logging(&cfg);
     runtime()?.block_on(async {
         let d = demo::start(cfg).await?;
         watch_reloads(&d.proxy);
         println!("mediaroute demo: proxy on http://{}", d.proxy.addr);
-        println!("  primary upstream on http://{} (bucket studio-media)", d.primary.addr);
-        println!("  replica upstream on http://{} (bucket studio-media-replica)\n", d.replica.addr);
+        println!(
+            "  primary upstream on http://{} (bucket studio-media)",
+            d.primary.addr
+        );
+        println!(
+            "  replica upstream on http://{} (bucket studio-media-replica)\n",
+            d.replica.addr
+        );
         println!("Try these (answers below each were just fetched):\n");
         print!("{}", d.tour().await);
         println!("Press Ctrl-C to stop.");

@@ -15,7 +15,9 @@ use crate::body::{ReqBody, RespBody};
 use crate::client;
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::headers::{X_MEDIAROUTE_REASON, X_MEDIAROUTE_UPSTREAM, append_forwarded_for, remove_hop_by_hop};
+use crate::headers::{
+    X_MEDIAROUTE_REASON, X_MEDIAROUTE_UPSTREAM, append_forwarded_for, remove_hop_by_hop,
+};
 use crate::reload::Tables;
 use crate::route::{self, Age, Reason, RequestFacts};
 use crate::table::{RoutingTable, Upstream, UpstreamTarget};
@@ -87,7 +89,8 @@ impl Proxy {
             Ok(resp) => resp,
             Err(e) => {
                 match &e {
-                    ProxyError::Unreachable { source, .. } | ProxyError::UpstreamFailed { source, .. } => {
+                    ProxyError::Unreachable { source, .. }
+                    | ProxyError::UpstreamFailed { source, .. } => {
                         tracing::warn!(error = %e, cause = %error_chain(source), "upstream request failed");
                     }
                     _ => tracing::debug!(error = %e, "request refused"),
@@ -108,7 +111,9 @@ impl Proxy {
         rec: &mut AccessRecord,
     ) -> Result<Response<RespBody>, ProxyError> {
         if parts.method == Method::CONNECT || !parts.uri.path().starts_with('/') {
-            return Err(ProxyError::BadRequest("the request target must be a path starting with /"));
+            return Err(ProxyError::BadRequest(
+                "the request target must be a path starting with /",
+            ));
         }
         let query = parts.uri.query();
         let ctx = client::context(table, peer.ip(), &parts.headers, query);
@@ -132,17 +137,27 @@ impl Proxy {
         rec.upstream = Some(upstream);
         rec.reason = Some(reason);
 
-        let body = if read { ReqBody::Empty } else { ReqBody::Stream(body) };
+        let body = if read {
+            ReqBody::Empty
+        } else {
+            ReqBody::Stream(body)
+        };
         if upstream == Upstream::Replica {
             let req = build_request(table, Upstream::Replica, &out, ReqBody::Empty)?;
-            let sent = self.upstreams.send(Upstream::Replica, req, &host_port(&table.replica)).await;
+            let sent = self
+                .upstreams
+                .send(Upstream::Replica, req, &host_port(&table.replica))
+                .await;
             let failure = match sent {
                 Ok(resp) if !table.fallback || !replica_missed(resp.status()) => {
                     return Ok(to_client(resp, Upstream::Replica, reason));
                 }
                 Ok(resp) => format!("status {}", resp.status().as_u16()),
                 Err(e) if !table.fallback => {
-                    return Err(ProxyError::Unreachable { upstream: "replica", source: e });
+                    return Err(ProxyError::Unreachable {
+                        upstream: "replica",
+                        source: e,
+                    });
                 }
                 Err(e) => error_chain(&e),
             };
@@ -162,10 +177,20 @@ impl Proxy {
         req: Request<ReqBody>,
         reason: Reason,
     ) -> Result<Response<RespBody>, ProxyError> {
-        match self.upstreams.send(Upstream::Primary, req, &host_port(&table.primary)).await {
+        match self
+            .upstreams
+            .send(Upstream::Primary, req, &host_port(&table.primary))
+            .await
+        {
             Ok(resp) => Ok(to_client(resp, Upstream::Primary, reason)),
-            Err(e) if e.is_connect() => Err(ProxyError::Unreachable { upstream: "primary", source: e }),
-            Err(e) => Err(ProxyError::UpstreamFailed { upstream: "primary", source: e }),
+            Err(e) if e.is_connect() => Err(ProxyError::Unreachable {
+                upstream: "primary",
+                source: e,
+            }),
+            Err(e) => Err(ProxyError::UpstreamFailed {
+                upstream: "primary",
+                source: e,
+            }),
         }
     }
 
@@ -174,7 +199,13 @@ impl Proxy {
         self.ages
             .age(&out.path, table.delay, || async {
                 let mut headers = out.headers.clone();
-                for h in [header::RANGE, header::IF_MATCH, header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE, header::IF_UNMODIFIED_SINCE] {
+                for h in [
+                    header::RANGE,
+                    header::IF_MATCH,
+                    header::IF_NONE_MATCH,
+                    header::IF_MODIFIED_SINCE,
+                    header::IF_UNMODIFIED_SINCE,
+                ] {
                     headers.remove(h);
                 }
                 let head = Outgoing {
@@ -186,7 +217,9 @@ impl Proxy {
                 let Ok(req) = build_request(table, Upstream::Primary, &head, ReqBody::Empty) else {
                     return Probe::Failed;
                 };
-                let sent = tokio::time::timeout(self.probe_timeout, self.upstreams.client().request(req)).await;
+                let sent =
+                    tokio::time::timeout(self.probe_timeout, self.upstreams.client().request(req))
+                        .await;
                 match sent {
                     Ok(Ok(resp)) if resp.status().is_success() => resp
                         .headers()
@@ -219,7 +252,11 @@ fn check_bucket(table: &RoutingTable, path: &str) -> Result<(), ProxyError> {
         return Ok(());
     };
     let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
-    if first == bucket { Ok(()) } else { Err(ProxyError::ForeignBucket) }
+    if first == bucket {
+        Ok(())
+    } else {
+        Err(ProxyError::ForeignBucket)
+    }
 }
 
 /// The statuses that mean "the replica does not have it (yet)" or "the replica is broken".
@@ -229,7 +266,8 @@ fn replica_missed(status: StatusCode) -> bool {
 
 /// Strips identity and hop-by-hop headers and keeps what both upstreams get.
 fn outgoing(table: &RoutingTable, parts: &mut Parts, peer: SocketAddr) -> Outgoing {
-    let query = client::strip_identity(table, &mut parts.headers, parts.uri.query()).map(|q| Box::from(&*q));
+    let query = client::strip_identity(table, &mut parts.headers, parts.uri.query())
+        .map(|q| Box::from(&*q));
     let mut headers = std::mem::take(&mut parts.headers);
     remove_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
@@ -250,12 +288,27 @@ fn outgoing(table: &RoutingTable, parts: &mut Parts, peer: SocketAddr) -> Outgoi
 }
 
 /// Builds the request for one upstream: its scheme and host, its bucket, the client's head.
-fn build_request(table: &RoutingTable, to: Upstream, out: &Outgoing, body: ReqBody) -> Result<Request<ReqBody>, ProxyError> {
+fn build_request(
+    table: &RoutingTable,
+    to: Upstream,
+    out: &Outgoing,
+    body: ReqBody,
+) -> Result<Request<ReqBody>, ProxyError> {
     let target = table.target(to);
-    let mut pq = String::with_capacity(out.path.len() + out.query.as_deref().map_or(0, |q| q.len() + 1) + 16);
-    match (to, table.primary.bucket.as_deref(), target.bucket.as_deref()) {
+    let mut pq = String::with_capacity(
+        out.path.len() + out.query.as_deref().map_or(0, |q| q.len() + 1) + 16,
+    );
+    match (
+        to,
+        table.primary.bucket.as_deref(),
+        target.bucket.as_deref(),
+    ) {
         (Upstream::Replica, Some(from), Some(to_bucket)) => {
-            let rest = out.path.trim_start_matches('/').strip_prefix(from).unwrap_or("");
+            let rest = out
+                .path
+                .trim_start_matches('/')
+                .strip_prefix(from)
+                .unwrap_or("");
             pq.push('/');
             pq.push_str(to_bucket);
             pq.push_str(rest);
@@ -283,15 +336,29 @@ fn build_request(table: &RoutingTable, to: Upstream, out: &Outgoing, body: ReqBo
 fn to_client(resp: Response<Incoming>, upstream: Upstream, reason: Reason) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(X_MEDIAROUTE_UPSTREAM.clone(), HeaderValue::from_static(upstream.as_str()));
-    parts.headers.insert(X_MEDIAROUTE_REASON.clone(), HeaderValue::from_static(reason.as_str()));
+    parts.headers.insert(
+        X_MEDIAROUTE_UPSTREAM.clone(),
+        HeaderValue::from_static(upstream.as_str()),
+    );
+    parts.headers.insert(
+        X_MEDIAROUTE_REASON.clone(),
+        HeaderValue::from_static(reason.as_str()),
+    );
     Response::from_parts(parts, RespBody::upstream(body))
 }
 
 /// `host:port` of an upstream, with the scheme's default port.
 fn host_port(t: &UpstreamTarget) -> String {
-    let default = if t.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 };
-    format!("{}:{}", t.authority.host(), t.authority.port_u16().unwrap_or(default))
+    let default = if t.scheme == http::uri::Scheme::HTTPS {
+        443
+    } else {
+        80
+    };
+    format!(
+        "{}:{}",
+        t.authority.host(),
+        t.authority.port_u16().unwrap_or(default)
+    )
 }
 
 /// An error and its causes on one line (hyper's top-level messages are terse).

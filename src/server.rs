@@ -45,7 +45,10 @@ impl Running {
     /// Stops accepting, waits up to `grace` for in-flight requests, then returns.
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.stop.send(true);
-        if tokio::time::timeout(grace + Duration::from_secs(1), self.task).await.is_err() {
+        if tokio::time::timeout(grace + Duration::from_secs(1), self.task)
+            .await
+            .is_err()
+        {
             tracing::warn!("server did not stop in time");
         }
     }
@@ -54,8 +57,12 @@ impl Running {
 /// Binds the listener from `cfg` and starts serving in the background.
 pub async fn start(cfg: Config) -> Result<Running, ServerError> {
     let addr = cfg.listen.addr;
-    let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr, source })?;
     let tables = Arc::new(Tables::new(cfg.clone()));
     let proxy = Arc::new(Proxy::new(&cfg, tables));
     let (stop, stopped) = watch::channel(false);
@@ -95,14 +102,22 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, mut stopped: watc
     graceful.shutdown().await;
 }
 
-fn serve(builder: &auto::Builder<TokioExecutor>, graceful: &GracefulShutdown, stream: TcpStream, peer: SocketAddr, proxy: &Arc<Proxy>) {
+fn serve(
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: &Arc<Proxy>,
+) {
     let _ = stream.set_nodelay(true);
     let proxy = Arc::clone(proxy);
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         async move { Ok::<_, std::convert::Infallible>(proxy.serve(req, peer).await) }
     });
-    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
     let conn = graceful.watch(conn);
     tokio::spawn(async move {
         if let Err(e) = conn.await {

@@ -221,8 +221,17 @@ mod tests {
 
     #[test]
     fn nested_and_overlapping_ranges_merge() {
-        let s = set(&["10.0.0.0/8", "10.20.0.0/16", "10.255.0.0/16", "11.0.0.0/8", "192.168.1.0/24"]);
-        assert_eq!(s.v4, vec![(0x0a00_0000, 0x0bff_ffff), (0xc0a8_0100, 0xc0a8_01ff)]);
+        let s = set(&[
+            "10.0.0.0/8",
+            "10.20.0.0/16",
+            "10.255.0.0/16",
+            "11.0.0.0/8",
+            "192.168.1.0/24",
+        ]);
+        assert_eq!(
+            s.v4,
+            vec![(0x0a00_0000, 0x0bff_ffff), (0xc0a8_0100, 0xc0a8_01ff)]
+        );
         assert!(s.contains(ip("10.20.3.4")));
         assert!(s.contains(ip("11.255.255.255")));
         assert!(!s.contains(ip("12.0.0.0")));

@@ -106,7 +106,9 @@ pub async fn serve(addr: SocketAddr, store: Arc<Store>) -> std::io::Result<Store
     let st = Arc::clone(&store);
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let st = Arc::clone(&st);
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
@@ -157,16 +159,28 @@ fn read(store: &Store, req: &Request<Incoming>, path: &str) -> Resp {
         (header::ACCEPT_RANGES, "bytes".to_string()),
         (header::CONTENT_TYPE, "application/octet-stream".to_string()),
     ];
-    if req.headers().get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == tag.as_bytes()) {
+    if req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == tag.as_bytes())
+    {
         return respond(StatusCode::NOT_MODIFIED, &common, Bytes::new());
     }
     let len = obj.body.len() as u64;
-    let range = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).map(|r| parse_range(r, len));
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|r| parse_range(r, len));
     let (status, body, extra) = match range {
         None => (StatusCode::OK, obj.body.clone(), None),
         Some(Some((start, end))) => {
             let part = obj.body.slice(start as usize..=end as usize);
-            (StatusCode::PARTIAL_CONTENT, part, Some(format!("bytes {start}-{end}/{len}")))
+            (
+                StatusCode::PARTIAL_CONTENT,
+                part,
+                Some(format!("bytes {start}-{end}/{len}")),
+            )
         }
         Some(None) => {
             let mut r = error(StatusCode::RANGE_NOT_SATISFIABLE, "InvalidRange", path);
@@ -176,7 +190,15 @@ fn read(store: &Store, req: &Request<Incoming>, path: &str) -> Resp {
             return r;
         }
     };
-    let mut resp = respond(status, &common, if req.method() == Method::HEAD { Bytes::new() } else { body.clone() });
+    let mut resp = respond(
+        status,
+        &common,
+        if req.method() == Method::HEAD {
+            Bytes::new()
+        } else {
+            body.clone()
+        },
+    );
     if let Some(cr) = extra.and_then(|c| c.parse().ok()) {
         resp.headers_mut().insert(header::CONTENT_RANGE, cr);
     }
@@ -196,7 +218,10 @@ fn parse_range(spec: &str, len: u64) -> Option<(u64, u64)> {
             (len.checked_sub(n.min(len))?, len.checked_sub(1)?)
         }
         (a, "") => (a.parse().ok()?, len.checked_sub(1)?),
-        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.min(len.checked_sub(1)?)),
+        (a, b) => (
+            a.parse().ok()?,
+            b.parse::<u64>().ok()?.min(len.checked_sub(1)?),
+        ),
     };
     (start <= end && start < len).then_some((start, end))
 }
@@ -222,8 +247,14 @@ fn respond(status: StatusCode, headers: &[(header::HeaderName, String)], body: B
 }
 
 fn error(status: StatusCode, code: &str, path: &str) -> Resp {
-    let body = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Resource>{path}</Resource></Error>\n");
-    respond(status, &[(header::CONTENT_TYPE, "application/xml".to_string())], Bytes::from(body))
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Resource>{path}</Resource></Error>\n"
+    );
+    respond(
+        status,
+        &[(header::CONTENT_TYPE, "application/xml".to_string())],
+        Bytes::from(body),
+    )
 }
 
 #[cfg(test)]
