@@ -34,6 +34,5 @@ pub fn big_config_text(users: usize, ranges: usize) -> String {
 /// The parsed big config.
 pub fn big_config(users: usize, ranges: usize) -> Config {
     let text = big_config_text(users, ranges);
-    config::parse(Path::new("bench.toml"), &text, &|_| Ok(String::new()))
-        .expect("bench config is valid")
+    config::parse(Path::new("bench.toml"), &text, &|_| Ok(String::new())).expect("bench config is valid")
 }

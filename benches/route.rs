@@ -12,17 +12,10 @@ use mediaroute::client;
 use mediaroute::route::{Age, ClientContext, RequestFacts, decide};
 use mediaroute::table::RoutingTable;
 
-const GET: RequestFacts = RequestFacts {
-    read: true,
-    object: true,
-    replica_down: false,
-};
+const GET: RequestFacts = RequestFacts { read: true, object: true, replica_down: false };
 
 fn ctx(user: &str, ip: &str) -> ClientContext {
-    ClientContext {
-        ip: ip.parse().unwrap(),
-        user: Some(user.into()),
-    }
+    ClientContext { ip: ip.parse().unwrap(), user: Some(user.into()) }
 }
 
 fn bench_decide(c: &mut Criterion) {
@@ -39,9 +32,7 @@ fn bench_decide(c: &mut Criterion) {
     ];
     let mut g = c.benchmark_group("decide_100k_users_10k_ranges");
     for (name, cx) in &cases {
-        g.bench_function(*name, |b| {
-            b.iter(|| decide(black_box(&table), black_box(cx), black_box(&GET), old))
-        });
+        g.bench_function(*name, |b| b.iter(|| decide(black_box(&table), black_box(cx), black_box(&GET), old)));
     }
     g.finish();
 }
@@ -50,9 +41,7 @@ fn bench_build(c: &mut Criterion) {
     let cfg = fixtures::big_config(100_000, 10_000);
     let mut g = c.benchmark_group("table");
     g.sample_size(20);
-    g.bench_function("build_100k_users_10k_ranges", |b| {
-        b.iter(|| RoutingTable::build(black_box(&cfg), 1))
-    });
+    g.bench_function("build_100k_users_10k_ranges", |b| b.iter(|| RoutingTable::build(black_box(&cfg), 1)));
     g.finish();
 }
 
@@ -60,10 +49,7 @@ fn bench_client_context(c: &mut Criterion) {
     let cfg = fixtures::big_config(1_000, 10);
     let table = RoutingTable::build(&cfg, 1);
     let mut headers = HeaderMap::new();
-    headers.insert(
-        "x-forwarded-for",
-        "198.51.100.1, 10.20.0.5, 127.0.0.2".parse().unwrap(),
-    );
+    headers.insert("x-forwarded-for", "198.51.100.1, 10.20.0.5, 127.0.0.2".parse().unwrap());
     headers.insert("x-forwarded-user", "user000001".parse().unwrap());
     let peer: IpAddr = "127.0.0.1".parse().unwrap();
     c.bench_function("client_context_xff_walk", |b| {

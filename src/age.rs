@@ -40,10 +40,7 @@ pub struct AgeCache {
 impl AgeCache {
     /// A cache holding at most `capacity` objects.
     pub fn new(capacity: usize) -> AgeCache {
-        AgeCache {
-            slots: Mutex::new(HashMap::new()),
-            capacity: capacity.max(1),
-        }
+        AgeCache { slots: Mutex::new(HashMap::new()), capacity: capacity.max(1) }
     }
 
     /// Number of objects remembered (including probes in flight).
@@ -63,9 +60,7 @@ impl AgeCache {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<Slot>>> {
         // A panic while holding this lock cannot leave the map inconsistent.
-        self.slots
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The age of `key`, running `probe` only if no usable answer is cached or in flight.
@@ -86,18 +81,13 @@ impl AgeCache {
                             slots.remove(&victim);
                         }
                     }
-                    let slot = Arc::new(Slot {
-                        result: OnceCell::new(),
-                    });
+                    let slot = Arc::new(Slot { result: OnceCell::new() });
                     slots.insert(Box::from(key), Arc::clone(&slot));
                     slot
                 }
             }
         };
-        let (probe, _) = *slot
-            .result
-            .get_or_init(|| async { (probe().await, SystemTime::now()) })
-            .await;
+        let (probe, _) = *slot.result.get_or_init(|| async { (probe().await, SystemTime::now()) }).await;
         if !matches!(probe, Probe::Modified(_)) {
             let mut slots = self.lock();
             if slots.get(key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
@@ -178,14 +168,8 @@ mod tests {
     #[tokio::test]
     async fn misses_and_failures_are_not_remembered() {
         let cache = AgeCache::new(10);
-        assert_eq!(
-            cache.age("/b/x", DELAY, || async { Probe::Missing }).await,
-            Age::Missing
-        );
-        assert_eq!(
-            cache.age("/b/x", DELAY, || async { Probe::Failed }).await,
-            Age::Unknown
-        );
+        assert_eq!(cache.age("/b/x", DELAY, || async { Probe::Missing }).await, Age::Missing);
+        assert_eq!(cache.age("/b/x", DELAY, || async { Probe::Failed }).await, Age::Unknown);
         assert!(cache.is_empty());
     }
 
@@ -223,11 +207,7 @@ mod tests {
     async fn the_cache_stays_bounded() {
         let cache = AgeCache::new(4);
         for i in 0..20 {
-            cache
-                .age(&format!("/b/{i}"), DELAY, || async {
-                    Probe::Modified(ago(3600))
-                })
-                .await;
+            cache.age(&format!("/b/{i}"), DELAY, || async { Probe::Modified(ago(3600)) }).await;
         }
         assert_eq!(cache.len(), 4);
     }
@@ -235,10 +215,7 @@ mod tests {
     #[test]
     fn last_modified_parses() {
         let t = parse_last_modified("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
-        assert_eq!(
-            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
-            1_445_412_480
-        );
+        assert_eq!(t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(), 1_445_412_480);
         assert_eq!(parse_last_modified("yesterday"), None);
     }
 }

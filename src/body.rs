@@ -23,10 +23,7 @@ impl Body for ReqBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ReqBody::Stream(b) => Pin::new(b).poll_frame(cx),
             ReqBody::Empty => Poll::Ready(None),
@@ -64,18 +61,12 @@ enum Inner {
 impl RespBody {
     /// Streams an upstream body through.
     pub fn upstream(body: Incoming) -> RespBody {
-        RespBody {
-            inner: Inner::Upstream(body),
-            record: None,
-        }
+        RespBody { inner: Inner::Upstream(body), record: None }
     }
 
     /// A small body made here (errors, admin pages).
     pub fn full(bytes: impl Into<Bytes>) -> RespBody {
-        RespBody {
-            inner: Inner::Full(Full::new(bytes.into())),
-            record: None,
-        }
+        RespBody { inner: Inner::Full(Full::new(bytes.into())), record: None }
     }
 
     /// An empty body.
@@ -103,10 +94,7 @@ impl Body for RespBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = match &mut this.inner {
             Inner::Upstream(b) => Pin::new(b).poll_frame(cx),

@@ -16,24 +16,11 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 /// The address is the peer's, or, when the peer is a trusted proxy, the right-most
 /// untrusted address of `X-Forwarded-For`. The user comes from the user header or
 /// query parameter, and only from a trusted peer.
-pub fn context(
-    table: &RoutingTable,
-    peer: IpAddr,
-    headers: &HeaderMap,
-    query: Option<&str>,
-) -> ClientContext {
+pub fn context(table: &RoutingTable, peer: IpAddr, headers: &HeaderMap, query: Option<&str>) -> ClientContext {
     let peer = peer.to_canonical();
     let trusted = table.trusted_proxies.contains(peer);
-    let ip = if trusted {
-        walk_forwarded(&table.trusted_proxies, peer, headers)
-    } else {
-        peer
-    };
-    let user = if trusted {
-        user(table, headers, query)
-    } else {
-        None
-    };
+    let ip = if trusted { walk_forwarded(&table.trusted_proxies, peer, headers) } else { peer };
+    let user = if trusted { user(table, headers, query) } else { None };
     ClientContext { ip, user }
 }
 
@@ -58,10 +45,7 @@ fn walk_forwarded(trusted: &NetSet, peer: IpAddr, headers: &HeaderMap) -> IpAddr
 
 /// An `X-Forwarded-For` entry: a bare IPv4 or IPv6 address, or `[v6]`.
 fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
-    let s = s
-        .strip_prefix('[')
-        .and_then(|r| r.strip_suffix(']'))
-        .unwrap_or(s);
+    let s = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(s);
     s.parse().ok()
 }
 
@@ -125,10 +109,8 @@ pub fn strip_identity<'q>(
     if query_param(query, name).is_none() {
         return Some(query.into());
     }
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| pair.split_once('=').map_or(*pair, |(n, _)| n) != name)
-        .collect();
+    let kept: Vec<&str> =
+        query.split('&').filter(|pair| pair.split_once('=').map_or(*pair, |(n, _)| n) != name).collect();
     (!kept.is_empty()).then(|| kept.join("&").into())
 }
 
@@ -148,18 +130,13 @@ mod tests {
     }
 
     fn trusted() -> RoutingTable {
-        table(
-            "trusted_proxies = [\"127.0.0.0/8\", \"10.0.0.0/8\", \"::1/128\"]\nuser_query = \"user\"",
-        )
+        table("trusted_proxies = [\"127.0.0.0/8\", \"10.0.0.0/8\", \"::1/128\"]\nuser_query = \"user\"")
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
         h
     }
@@ -170,18 +147,9 @@ mod tests {
 
     #[test]
     fn untrusted_peer_is_the_client_and_anonymous() {
-        let h = headers(&[
-            ("x-forwarded-for", "10.20.0.1"),
-            ("x-forwarded-user", "alice"),
-        ]);
+        let h = headers(&[("x-forwarded-for", "10.20.0.1"), ("x-forwarded-user", "alice")]);
         let c = context(&trusted(), ip("192.0.2.7"), &h, Some("user=alice"));
-        assert_eq!(
-            c,
-            ClientContext {
-                ip: ip("192.0.2.7"),
-                user: None
-            }
-        );
+        assert_eq!(c, ClientContext { ip: ip("192.0.2.7"), user: None });
     }
 
     #[test]
@@ -194,70 +162,41 @@ mod tests {
 
     #[test]
     fn several_header_lines_are_one_list() {
-        let h = headers(&[
-            ("x-forwarded-for", "203.0.113.9"),
-            ("x-forwarded-for", "10.0.0.2"),
-        ]);
-        assert_eq!(
-            context(&trusted(), ip("127.0.0.1"), &h, None).ip,
-            ip("203.0.113.9")
-        );
+        let h = headers(&[("x-forwarded-for", "203.0.113.9"), ("x-forwarded-for", "10.0.0.2")]);
+        assert_eq!(context(&trusted(), ip("127.0.0.1"), &h, None).ip, ip("203.0.113.9"));
     }
 
     #[test]
     fn all_trusted_gives_the_left_most() {
         let h = headers(&[("x-forwarded-for", "10.0.0.3, 10.0.0.2")]);
-        assert_eq!(
-            context(&trusted(), ip("127.0.0.1"), &h, None).ip,
-            ip("10.0.0.3")
-        );
+        assert_eq!(context(&trusted(), ip("127.0.0.1"), &h, None).ip, ip("10.0.0.3"));
     }
 
     #[test]
     fn malformed_entry_stops_the_walk() {
         let h = headers(&[("x-forwarded-for", "203.0.113.9, garbage, 10.0.0.2")]);
-        assert_eq!(
-            context(&trusted(), ip("127.0.0.1"), &h, None).ip,
-            ip("10.0.0.2")
-        );
+        assert_eq!(context(&trusted(), ip("127.0.0.1"), &h, None).ip, ip("10.0.0.2"));
         let h = headers(&[("x-forwarded-for", "203.0.113.9, 10.0.0.2:80")]);
-        assert_eq!(
-            context(&trusted(), ip("127.0.0.1"), &h, None).ip,
-            ip("127.0.0.1")
-        );
+        assert_eq!(context(&trusted(), ip("127.0.0.1"), &h, None).ip, ip("127.0.0.1"));
     }
 
     #[test]
     fn ipv6_and_mapped_peers() {
         let h = headers(&[("x-forwarded-for", "[2001:db8::5]")]);
-        assert_eq!(
-            context(&trusted(), ip("::1"), &h, None).ip,
-            ip("2001:db8::5")
-        );
+        assert_eq!(context(&trusted(), ip("::1"), &h, None).ip, ip("2001:db8::5"));
         let h = headers(&[("x-forwarded-for", "::ffff:203.0.113.1")]);
-        assert_eq!(
-            context(&trusted(), ip("::ffff:127.0.0.1"), &h, None).ip,
-            ip("203.0.113.1")
-        );
+        assert_eq!(context(&trusted(), ip("::ffff:127.0.0.1"), &h, None).ip, ip("203.0.113.1"));
     }
 
     #[test]
     fn user_from_header_then_query() {
         let t = trusted();
         let h = headers(&[("x-forwarded-user", "alice")]);
-        assert_eq!(
-            context(&t, ip("127.0.0.1"), &h, Some("user=bob"))
-                .user
-                .as_deref(),
-            Some("alice")
-        );
+        assert_eq!(context(&t, ip("127.0.0.1"), &h, Some("user=bob")).user.as_deref(), Some("alice"));
         let h = HeaderMap::new();
         let c = context(&t, ip("127.0.0.1"), &h, Some("a=1&user=b%C3%B6b&x"));
         assert_eq!(c.user.as_deref(), Some("böb"));
-        assert_eq!(
-            context(&t, ip("127.0.0.1"), &h, Some("user=%zz")).user,
-            None
-        );
+        assert_eq!(context(&t, ip("127.0.0.1"), &h, Some("user=%zz")).user, None);
         assert_eq!(context(&t, ip("127.0.0.1"), &h, Some("user=")).user, None);
     }
 
@@ -270,10 +209,7 @@ mod tests {
         assert!(h.get("x-forwarded-user").is_none());
         assert!(h.get("range").is_some());
         assert_eq!(strip_identity(&t, &mut h, Some("user=alice")), None);
-        assert_eq!(
-            strip_identity(&t, &mut h, Some("acl")).as_deref(),
-            Some("acl")
-        );
+        assert_eq!(strip_identity(&t, &mut h, Some("acl")).as_deref(), Some("acl"));
         assert_eq!(strip_identity(&t, &mut h, None), None);
     }
 }

@@ -295,12 +295,7 @@ struct RawLog {
 /// Reads, parses and checks the config file at `path` and its users file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let src = std::fs::read_to_string(path).map_err(|e| {
-        one(ConfigError {
-            file: path.to_path_buf(),
-            pos: None,
-            key: None,
-            message: format!("cannot read: {e}"),
-        })
+        one(ConfigError { file: path.to_path_buf(), pos: None, key: None, message: format!("cannot read: {e}") })
     })?;
     let users_loader = |file: &Path| std::fs::read_to_string(file);
     parse(path, &src, &users_loader)
@@ -313,11 +308,7 @@ pub fn parse(
     read_users: &dyn Fn(&Path) -> std::io::Result<String>,
 ) -> Result<Config, ConfigErrors> {
     let raw: RawConfig = toml::from_str(src).map_err(|e| one(serde_error(path, src, &e)))?;
-    let mut v = Validator {
-        file: path,
-        src,
-        errors: Vec::new(),
-    };
+    let mut v = Validator { file: path, src, errors: Vec::new() };
     let cfg = v.config(raw, read_users);
     match cfg {
         Some(cfg) if v.errors.is_empty() => Ok(cfg),
@@ -338,12 +329,7 @@ fn serde_error(file: &Path, src: &str, e: &toml::de::Error) -> ConfigError {
         }
         None => (None, None),
     };
-    ConfigError {
-        file: file.to_path_buf(),
-        pos,
-        key,
-        message: e.message().trim().to_string(),
-    }
+    ConfigError { file: file.to_path_buf(), pos, key, message: e.message().trim().to_string() }
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -368,11 +354,7 @@ fn key_at(src: &str, line: usize) -> Option<String> {
         .find(|l| l.starts_with('['))
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
     if here.starts_with('[') {
-        return Some(
-            here.trim_matches(|c| c == '[' || c == ']')
-                .trim()
-                .to_string(),
-        );
+        return Some(here.trim_matches(|c| c == '[' || c == ']').trim().to_string());
     }
     let key = here.split('=').next()?.trim().trim_matches('"');
     if key.is_empty() || here.starts_with('#') {
@@ -409,11 +391,7 @@ impl Validator<'_> {
         });
     }
 
-    fn config(
-        &mut self,
-        raw: RawConfig,
-        read_users: &dyn Fn(&Path) -> std::io::Result<String>,
-    ) -> Option<Config> {
+    fn config(&mut self, raw: RawConfig, read_users: &dyn Fn(&Path) -> std::io::Result<String>) -> Option<Config> {
         let listen = self.listen(raw.listen);
         let identity = self.identity(raw.identity);
         let primary = self.upstream(raw.primary, "primary");
@@ -461,10 +439,7 @@ impl Validator<'_> {
                 self.err_at(
                     s.span(),
                     key,
-                    format!(
-                        "{:?} is not an address with a port (e.g. \"0.0.0.0:8080\" or \"[::]:8080\")",
-                        s.get_ref()
-                    ),
+                    format!("{:?} is not an address with a port (e.g. \"0.0.0.0:8080\" or \"[::]:8080\")", s.get_ref()),
                 );
                 None
             }
@@ -472,21 +447,19 @@ impl Validator<'_> {
     }
 
     fn listen(&mut self, raw: RawListen) -> Option<Listen> {
-        for (opt, key) in [
-            (&raw.tls_addr, "listen.tls_addr"),
-            (&raw.tls_cert, "listen.tls_cert"),
-            (&raw.tls_key, "listen.tls_key"),
-        ] {
+        for (opt, key) in
+            [(&raw.tls_addr, "listen.tls_addr"), (&raw.tls_cert, "listen.tls_cert"), (&raw.tls_key, "listen.tls_key")]
+        {
             if let Some(s) = opt {
-                self.err_at(s.span(), key, "the TLS listener is not available in this version; terminate TLS in front of mediaroute");
+                self.err_at(
+                    s.span(),
+                    key,
+                    "the TLS listener is not available in this version; terminate TLS in front of mediaroute",
+                );
             }
         }
         if let Some(pp) = raw.proxy_protocol.as_ref().filter(|p| *p.get_ref()) {
-            self.err_at(
-                pp.span(),
-                "listen.proxy_protocol",
-                "PROXY protocol is not available in this version",
-            );
+            self.err_at(pp.span(), "listen.proxy_protocol", "PROXY protocol is not available in this version");
         }
         let addr = match &raw.addr {
             Some(s) => self.socket_addr(s, "listen.addr"),
@@ -499,21 +472,14 @@ impl Validator<'_> {
             Some(s) => Some(self.socket_addr(s, "listen.admin_addr")?),
             None => None,
         };
-        Some(Listen {
-            addr: addr?,
-            admin_addr,
-        })
+        Some(Listen { addr: addr?, admin_addr })
     }
 
     fn identity(&mut self, raw: RawIdentity) -> Option<Identity> {
         let mut ok = true;
         let user_header = match &raw.user_header {
             Some(s) if http::HeaderName::from_bytes(s.get_ref().as_bytes()).is_err() => {
-                self.err_at(
-                    s.span(),
-                    "identity.user_header",
-                    format!("{:?} is not a valid header name", s.get_ref()),
-                );
+                self.err_at(s.span(), "identity.user_header", format!("{:?} is not a valid header name", s.get_ref()));
                 ok = false;
                 None
             }
@@ -535,11 +501,7 @@ impl Validator<'_> {
             None => None,
         };
         let trusted_proxies = self.cidrs(&raw.trusted_proxies, "identity.trusted_proxies")?;
-        ok.then_some(Identity {
-            user_header,
-            user_query,
-            trusted_proxies,
-        })
+        ok.then_some(Identity { user_header, user_query, trusted_proxies })
     }
 
     fn cidrs(&mut self, list: &[S], key: &str) -> Option<Vec<IpNet>> {
@@ -574,10 +536,7 @@ impl Validator<'_> {
             self.err_at(
                 b.span(),
                 &format!("{name}.bucket"),
-                format!(
-                    "{:?} is not a valid S3 bucket name (3-63 characters: a-z, 0-9, '.', '-')",
-                    b.get_ref()
-                ),
+                format!("{:?} is not a valid S3 bucket name (3-63 characters: a-z, 0-9, '.', '-')", b.get_ref()),
             );
         }
         let auth = match &raw.auth {
@@ -595,18 +554,12 @@ impl Validator<'_> {
                 self.err_at(
                     s.span(),
                     &format!("{name}.auth"),
-                    format!(
-                        "{:?} is not an auth mode: expected \"pass\" or \"sigv4\"",
-                        s.get_ref()
-                    ),
+                    format!("{:?} is not an auth mode: expected \"pass\" or \"sigv4\"", s.get_ref()),
                 );
                 None
             }
         };
-        for (opt, key) in [
-            (&raw.credentials_file, "credentials_file"),
-            (&raw.profile, "profile"),
-        ] {
+        for (opt, key) in [(&raw.credentials_file, "credentials_file"), (&raw.profile, "profile")] {
             if let Some(s) = opt {
                 ok = false;
                 self.err_at(
@@ -637,9 +590,7 @@ impl Validator<'_> {
                     Some("must be scheme and host only, without a path or query".to_string())
                 }
                 (Some("http" | "https"), Some(_)) => return Some(u),
-                (Some(other), _) => Some(format!(
-                    "has scheme {other:?}: only http and https are supported"
-                )),
+                (Some(other), _) => Some(format!("has scheme {other:?}: only http and https are supported")),
                 (None, _) => Some("needs a scheme: http:// or https://".to_string()),
             },
         };
@@ -659,16 +610,12 @@ impl Validator<'_> {
             return;
         };
         match (pb, rb) {
-            (Some(b), None) => self.err_at(
-                b.span(),
-                "primary.bucket",
-                "set on the primary only: set replica.bucket too, or neither",
-            ),
-            (None, Some(b)) => self.err_at(
-                b.span(),
-                "replica.bucket",
-                "set on the replica only: set primary.bucket too, or neither",
-            ),
+            (Some(b), None) => {
+                self.err_at(b.span(), "primary.bucket", "set on the primary only: set replica.bucket too, or neither")
+            }
+            (None, Some(b)) => {
+                self.err_at(b.span(), "replica.bucket", "set on the replica only: set primary.bucket too, or neither")
+            }
             _ => {}
         }
     }
@@ -679,10 +626,7 @@ impl Validator<'_> {
             self.err_at(
                 s.span(),
                 key,
-                format!(
-                    "{:?} is not a mode: expected \"no\", \"yes\" or \"auto\"",
-                    s.get_ref()
-                ),
+                format!("{:?} is not a mode: expected \"no\", \"yes\" or \"auto\"", s.get_ref()),
             );
         }
         m
@@ -695,30 +639,19 @@ impl Validator<'_> {
             self.err_at(
                 s.span(),
                 key,
-                format!(
-                    "{:?} is not a duration (e.g. \"15m\", \"30s\", \"250ms\", \"1h\")",
-                    s.get_ref()
-                ),
+                format!("{:?} is not a duration (e.g. \"15m\", \"30s\", \"250ms\", \"1h\")", s.get_ref()),
             );
         }
         d
     }
 
-    fn replication(
-        &mut self,
-        raw: RawReplication,
-        users_file: Option<PathBuf>,
-    ) -> Option<Replication> {
+    fn replication(&mut self, raw: RawReplication, users_file: Option<PathBuf>) -> Option<Replication> {
         let default_mode = match &raw.default_mode {
             Some(s) => self.mode(s, "replication.default_mode"),
             None => Some(Mode::No),
         };
         let networks = self.cidrs(&raw.networks, "replication.networks");
-        let delay = self.duration(
-            &raw.delay,
-            "replication.delay",
-            Duration::from_secs(15 * 60),
-        );
+        let delay = self.duration(&raw.delay, "replication.delay", Duration::from_secs(15 * 60));
         if raw.sign_anonymous.is_some() {
             self.err_nowhere(
                 "replication.sign_anonymous",
@@ -735,19 +668,12 @@ impl Validator<'_> {
     }
 
     /// Reads the users file: top-level `name = "mode"` pairs, errors located in that file.
-    fn users_file(
-        &mut self,
-        file: &Path,
-        read: &dyn Fn(&Path) -> std::io::Result<String>,
-    ) -> BTreeMap<String, Mode> {
+    fn users_file(&mut self, file: &Path, read: &dyn Fn(&Path) -> std::io::Result<String>) -> BTreeMap<String, Mode> {
         let mut users = BTreeMap::new();
         let src = match read(file) {
             Ok(s) => s,
             Err(e) => {
-                self.err_nowhere(
-                    "replication.users_file",
-                    format!("cannot read {}: {e}", file.display()),
-                );
+                self.err_nowhere("replication.users_file", format!("cannot read {}: {e}", file.display()));
                 return users;
             }
         };
@@ -758,11 +684,7 @@ impl Validator<'_> {
                 return users;
             }
         };
-        let mut sub = Validator {
-            file,
-            src: &src,
-            errors: Vec::new(),
-        };
+        let mut sub = Validator { file, src: &src, errors: Vec::new() };
         for (name, mode) in &raw {
             if let Some(m) = sub.mode(mode, &quote_key(name)) {
                 users.insert(name.clone(), m);
@@ -773,16 +695,9 @@ impl Validator<'_> {
     }
 
     fn limits(&mut self, raw: RawLimits) -> Option<Limits> {
-        let connect = self.duration(
-            &raw.upstream_connect_timeout,
-            "limits.upstream_connect_timeout",
-            Duration::from_secs(3),
-        );
-        let probe = self.duration(
-            &raw.age_probe_timeout,
-            "limits.age_probe_timeout",
-            Duration::from_secs(2),
-        );
+        let connect =
+            self.duration(&raw.upstream_connect_timeout, "limits.upstream_connect_timeout", Duration::from_secs(3));
+        let probe = self.duration(&raw.age_probe_timeout, "limits.age_probe_timeout", Duration::from_secs(2));
         let entries = self.positive(&raw.age_cache_entries, "limits.age_cache_entries", 100_000);
         Some(Limits {
             upstream_connect_timeout: connect?,
@@ -796,15 +711,7 @@ impl Validator<'_> {
         match u32::try_from(*v.get_ref()) {
             Ok(n) if n > 0 => Some(n),
             _ => {
-                self.err_at(
-                    v.span(),
-                    key,
-                    format!(
-                        "{} is out of range: expected 1 to {}",
-                        v.get_ref(),
-                        u32::MAX
-                    ),
-                );
+                self.err_at(v.span(), key, format!("{} is out of range: expected 1 to {}", v.get_ref(), u32::MAX));
                 None
             }
         }
@@ -812,15 +719,8 @@ impl Validator<'_> {
 
     fn health(&mut self, raw: RawHealth) -> Option<Health> {
         let fall = self.positive(&raw.fall, "health.fall", 3);
-        let retry = self.duration(
-            &raw.retry_interval,
-            "health.retry_interval",
-            Duration::from_secs(2),
-        );
-        Some(Health {
-            fall: fall?,
-            retry_interval: retry?,
-        })
+        let retry = self.duration(&raw.retry_interval, "health.retry_interval", Duration::from_secs(2));
+        Some(Health { fall: fall?, retry_interval: retry? })
     }
 
     fn log(&mut self, raw: RawLog) -> Option<Log> {
@@ -832,28 +732,19 @@ impl Validator<'_> {
                 self.err_at(
                     s.span(),
                     "log.format",
-                    format!(
-                        "{:?} is not a log format: expected \"text\" or \"json\"",
-                        s.get_ref()
-                    ),
+                    format!("{:?} is not a log format: expected \"text\" or \"json\"", s.get_ref()),
                 );
                 None
             }
         };
-        let level = raw
-            .level
-            .map_or_else(|| "info".to_string(), Spanned::into_inner);
+        let level = raw.level.map_or_else(|| "info".to_string(), Spanned::into_inner);
         Some(Log { json: json?, level })
     }
 }
 
 /// Quotes a TOML key when it is not a bare key.
 fn quote_key(name: &str) -> String {
-    if !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+    if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         name.to_string()
     } else {
         format!("{name:?}")
@@ -872,8 +763,7 @@ pub fn parse_cidr(s: &str) -> Option<IpNet> {
 /// S3 bucket naming rules, loosely: 3-63 of a-z, 0-9, '.', '-'.
 fn valid_bucket(b: &str) -> bool {
     (3..=63).contains(&b.len())
-        && b.bytes()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
+        && b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
         && !b.starts_with(['.', '-'])
         && !b.ends_with(['.', '-'])
 }

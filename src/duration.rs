@@ -73,16 +73,7 @@ mod tests {
 
     #[test]
     fn rejects_nonsense() {
-        for bad in [
-            "",
-            "15",
-            "m",
-            "15x",
-            "1.5s",
-            "-1s",
-            "15 m",
-            "99999999999999999999d",
-        ] {
+        for bad in ["", "15", "m", "15x", "1.5s", "-1s", "15 m", "99999999999999999999d"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
     }

@@ -57,12 +57,7 @@ impl ProxyError {
 }
 
 /// Builds an S3-style `<Error>` response.
-pub fn xml_error(
-    status: StatusCode,
-    code: &str,
-    message: &str,
-    resource: &str,
-) -> Response<RespBody> {
+pub fn xml_error(status: StatusCode, code: &str, message: &str, resource: &str) -> Response<RespBody> {
     let body = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{}</Code><Message>{}</Message><Resource>{}</Resource></Error>\n",
         escape(code),
@@ -71,10 +66,7 @@ pub fn xml_error(
     );
     let mut resp = Response::new(RespBody::full(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/xml"),
-    );
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/xml"));
     resp
 }
 
@@ -114,9 +106,6 @@ mod tests {
         assert_eq!(r.status(), 403);
         let body = body_of(r).await;
         assert!(body.contains("<Code>AccessDenied</Code>"), "{body}");
-        assert!(
-            body.contains("<Resource>/other/&lt;key&gt;</Resource>"),
-            "{body}"
-        );
+        assert!(body.contains("<Resource>/other/&lt;key&gt;</Resource>"), "{body}");
     }
 }

@@ -34,10 +34,7 @@ pub fn explain(cfg: &Config, q: &Question) -> String {
         None => (q.path.as_str(), None),
     };
     let method = q.method.to_ascii_uppercase();
-    let ctx = ClientContext {
-        ip: q.ip,
-        user: q.user.as_deref().map(Box::from),
-    };
+    let ctx = ClientContext { ip: q.ip, user: q.user.as_deref().map(Box::from) };
     let facts = RequestFacts {
         read: method == "GET" || method == "HEAD",
         object: route::is_object(path, query),
@@ -59,22 +56,9 @@ pub fn explain(cfg: &Config, q: &Question) -> String {
         (None, _) => format!("anonymous (default_mode {})", mode.as_str()),
     };
     let _ = writeln!(out, "user:     {who}");
-    let inside = if table.networks.contains(q.ip) {
-        "inside"
-    } else {
-        "outside"
-    };
+    let inside = if table.networks.contains(q.ip) { "inside" } else { "outside" };
     let _ = writeln!(out, "client:   {} ({inside} replication.networks)", q.ip);
-    let _ = writeln!(
-        out,
-        "request:  {method} {} ({})",
-        q.path,
-        if facts.object {
-            "object"
-        } else {
-            "not an object"
-        }
-    );
+    let _ = writeln!(out, "request:  {method} {} ({})", q.path, if facts.object { "object" } else { "not an object" });
     let delay = format_duration(table.delay);
     let age = match q.age {
         Some(a) => format!("{} (delay {delay})", format_duration(a)),
@@ -82,12 +66,10 @@ pub fn explain(cfg: &Config, q: &Question) -> String {
     };
     let _ = writeln!(out, "age:      {age}");
     if let Some(bucket) = table.primary.bucket.as_deref() {
-        let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        let first = path.strip_prefix('/').unwrap_or(path).split('/').next().unwrap_or("");
         if first != bucket {
-            let _ = writeln!(
-                out,
-                "note:     bucket {first:?} is not {bucket:?}: the proxy refuses this request with 403"
-            );
+            let _ =
+                writeln!(out, "note:     bucket {first:?} is not {bucket:?}: the proxy refuses this request with 403");
         }
     }
     out

@@ -62,24 +62,12 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => with_config(cli.config.as_deref()).and_then(run),
         Command::Check => return check(cli.config.as_deref()),
-        Command::Explain {
-            user,
-            ip,
-            method,
-            path,
-            age,
-            replica_down,
-        } => with_config(cli.config.as_deref()).map(|cfg| {
-            let q = explain::Question {
-                user,
-                ip,
-                method,
-                path,
-                age,
-                replica_down,
-            };
-            print!("{}", explain::explain(&cfg, &q));
-        }),
+        Command::Explain { user, ip, method, path, age, replica_down } => {
+            with_config(cli.config.as_deref()).map(|cfg| {
+                let q = explain::Question { user, ip, method, path, age, replica_down };
+                print!("{}", explain::explain(&cfg, &q));
+            })
+        }
         Command::Demo => run_demo(cli.config.as_deref()),
     };
     match result {
@@ -104,9 +92,7 @@ fn check(path: Option<&Path>) -> ExitCode {
     match config::load(path) {
         Ok(cfg) => {
             for u in &cfg.overridden_users {
-                println!(
-                    "warning: user {u:?} is listed in both users_file and [users]; [users] wins"
-                );
+                println!("warning: user {u:?} is listed in both users_file and [users]; [users] wins");
             }
             println!(
                 "{}: ok ({} users, {} replica networks, delay {})",
@@ -129,13 +115,9 @@ fn check(path: Option<&Path>) -> ExitCode {
 
 fn init_logging(cfg: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     if cfg.log.json {
         builder.json().flatten_event(true).init();
     } else {
@@ -144,10 +126,7 @@ fn init_logging(cfg: &Config) {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
 }
 
 fn run(cfg: Config) -> anyhow::Result<()> {
@@ -184,21 +163,14 @@ async fn wait_for_stop() {
 }
 
 fn run_demo(path: Option<&Path>) -> anyhow::Result<()> {
-    let cfg =
-        demo::demo_config(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let cfg = demo::demo_config(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
     init_logging(&cfg);
     runtime()?.block_on(async {
         let d = demo::start(cfg).await?;
         watch_reloads(&d.proxy);
         println!("mediaroute demo: proxy on http://{}", d.proxy.addr);
-        println!(
-            "  primary upstream on http://{} (bucket studio-media)",
-            d.primary.addr
-        );
-        println!(
-            "  replica upstream on http://{} (bucket studio-media-replica)\n",
-            d.replica.addr
-        );
+        println!("  primary upstream on http://{} (bucket studio-media)", d.primary.addr);
+        println!("  replica upstream on http://{} (bucket studio-media-replica)\n", d.replica.addr);
         println!("Try these (answers below each were just fetched):\n");
         print!("{}", d.tour().await);
         println!("Press Ctrl-C to stop.");

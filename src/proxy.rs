@@ -15,9 +15,7 @@ use crate::body::{ReqBody, RespBody};
 use crate::client;
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::headers::{
-    X_MEDIAROUTE_REASON, X_MEDIAROUTE_UPSTREAM, append_forwarded_for, remove_hop_by_hop,
-};
+use crate::headers::{X_MEDIAROUTE_REASON, X_MEDIAROUTE_UPSTREAM, append_forwarded_for, remove_hop_by_hop};
 use crate::reload::Tables;
 use crate::route::{self, Age, Reason, RequestFacts};
 use crate::table::{RoutingTable, Upstream, UpstreamTarget};
@@ -89,8 +87,7 @@ impl Proxy {
             Ok(resp) => resp,
             Err(e) => {
                 match &e {
-                    ProxyError::Unreachable { source, .. }
-                    | ProxyError::UpstreamFailed { source, .. } => {
+                    ProxyError::Unreachable { source, .. } | ProxyError::UpstreamFailed { source, .. } => {
                         tracing::warn!(error = %e, cause = %error_chain(source), "upstream request failed");
                     }
                     _ => tracing::debug!(error = %e, "request refused"),
@@ -111,9 +108,7 @@ impl Proxy {
         rec: &mut AccessRecord,
     ) -> Result<Response<RespBody>, ProxyError> {
         if parts.method == Method::CONNECT || !parts.uri.path().starts_with('/') {
-            return Err(ProxyError::BadRequest(
-                "the request target must be a path starting with /",
-            ));
+            return Err(ProxyError::BadRequest("the request target must be a path starting with /"));
         }
         let query = parts.uri.query();
         let ctx = client::context(table, peer.ip(), &parts.headers, query);
@@ -128,36 +123,23 @@ impl Proxy {
             replica_down: self.upstreams.replica_health.is_down(),
         };
         let out = outgoing(table, parts, peer);
-        let age = if route::needs_age(table, &ctx, &facts) {
-            self.probe_age(table, &out).await
-        } else {
-            Age::NotProbed
-        };
+        let age =
+            if route::needs_age(table, &ctx, &facts) { self.probe_age(table, &out).await } else { Age::NotProbed };
         let (upstream, reason) = route::decide(table, &ctx, &facts, age);
         rec.upstream = Some(upstream);
         rec.reason = Some(reason);
 
-        let body = if read {
-            ReqBody::Empty
-        } else {
-            ReqBody::Stream(body)
-        };
+        let body = if read { ReqBody::Empty } else { ReqBody::Stream(body) };
         if upstream == Upstream::Replica {
             let req = build_request(table, Upstream::Replica, &out, ReqBody::Empty)?;
-            let sent = self
-                .upstreams
-                .send(Upstream::Replica, req, &host_port(&table.replica))
-                .await;
+            let sent = self.upstreams.send(Upstream::Replica, req, &host_port(&table.replica)).await;
             let failure = match sent {
                 Ok(resp) if !table.fallback || !replica_missed(resp.status()) => {
                     return Ok(to_client(resp, Upstream::Replica, reason));
                 }
                 Ok(resp) => format!("status {}", resp.status().as_u16()),
                 Err(e) if !table.fallback => {
-                    return Err(ProxyError::Unreachable {
-                        upstream: "replica",
-                        source: e,
-                    });
+                    return Err(ProxyError::Unreachable { upstream: "replica", source: e });
                 }
                 Err(e) => error_chain(&e),
             };
@@ -177,20 +159,10 @@ impl Proxy {
         req: Request<ReqBody>,
         reason: Reason,
     ) -> Result<Response<RespBody>, ProxyError> {
-        match self
-            .upstreams
-            .send(Upstream::Primary, req, &host_port(&table.primary))
-            .await
-        {
+        match self.upstreams.send(Upstream::Primary, req, &host_port(&table.primary)).await {
             Ok(resp) => Ok(to_client(resp, Upstream::Primary, reason)),
-            Err(e) if e.is_connect() => Err(ProxyError::Unreachable {
-                upstream: "primary",
-                source: e,
-            }),
-            Err(e) => Err(ProxyError::UpstreamFailed {
-                upstream: "primary",
-                source: e,
-            }),
+            Err(e) if e.is_connect() => Err(ProxyError::Unreachable { upstream: "primary", source: e }),
+            Err(e) => Err(ProxyError::UpstreamFailed { upstream: "primary", source: e }),
         }
     }
 
@@ -208,18 +180,11 @@ impl Proxy {
                 ] {
                     headers.remove(h);
                 }
-                let head = Outgoing {
-                    method: Method::HEAD,
-                    headers,
-                    path: out.path.clone(),
-                    query: out.query.clone(),
-                };
+                let head = Outgoing { method: Method::HEAD, headers, path: out.path.clone(), query: out.query.clone() };
                 let Ok(req) = build_request(table, Upstream::Primary, &head, ReqBody::Empty) else {
                     return Probe::Failed;
                 };
-                let sent =
-                    tokio::time::timeout(self.probe_timeout, self.upstreams.client().request(req))
-                        .await;
+                let sent = tokio::time::timeout(self.probe_timeout, self.upstreams.client().request(req)).await;
                 match sent {
                     Ok(Ok(resp)) if resp.status().is_success() => resp
                         .headers()
@@ -251,12 +216,8 @@ fn check_bucket(table: &RoutingTable, path: &str) -> Result<(), ProxyError> {
     let Some(bucket) = table.primary.bucket.as_deref() else {
         return Ok(());
     };
-    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
-    if first == bucket {
-        Ok(())
-    } else {
-        Err(ProxyError::ForeignBucket)
-    }
+    let first = path.strip_prefix('/').unwrap_or(path).split('/').next().unwrap_or("");
+    if first == bucket { Ok(()) } else { Err(ProxyError::ForeignBucket) }
 }
 
 /// The statuses that mean "the replica does not have it (yet)" or "the replica is broken".
@@ -266,8 +227,7 @@ fn replica_missed(status: StatusCode) -> bool {
 
 /// Strips identity and hop-by-hop headers and keeps what both upstreams get.
 fn outgoing(table: &RoutingTable, parts: &mut Parts, peer: SocketAddr) -> Outgoing {
-    let query = client::strip_identity(table, &mut parts.headers, parts.uri.query())
-        .map(|q| Box::from(&*q));
+    let query = client::strip_identity(table, &mut parts.headers, parts.uri.query()).map(|q| Box::from(&*q));
     let mut headers = std::mem::take(&mut parts.headers);
     remove_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
@@ -279,12 +239,7 @@ fn outgoing(table: &RoutingTable, parts: &mut Parts, peer: SocketAddr) -> Outgoi
         // GET/HEAD go out without a body so they can be retried on the primary.
         headers.remove(header::CONTENT_LENGTH);
     }
-    Outgoing {
-        method: parts.method.clone(),
-        headers,
-        path: Box::from(parts.uri.path()),
-        query,
-    }
+    Outgoing { method: parts.method.clone(), headers, path: Box::from(parts.uri.path()), query }
 }
 
 /// Builds the request for one upstream: its scheme and host, its bucket, the client's head.
@@ -295,20 +250,10 @@ fn build_request(
     body: ReqBody,
 ) -> Result<Request<ReqBody>, ProxyError> {
     let target = table.target(to);
-    let mut pq = String::with_capacity(
-        out.path.len() + out.query.as_deref().map_or(0, |q| q.len() + 1) + 16,
-    );
-    match (
-        to,
-        table.primary.bucket.as_deref(),
-        target.bucket.as_deref(),
-    ) {
+    let mut pq = String::with_capacity(out.path.len() + out.query.as_deref().map_or(0, |q| q.len() + 1) + 16);
+    match (to, table.primary.bucket.as_deref(), target.bucket.as_deref()) {
         (Upstream::Replica, Some(from), Some(to_bucket)) => {
-            let rest = out
-                .path
-                .trim_start_matches('/')
-                .strip_prefix(from)
-                .unwrap_or("");
+            let rest = out.path.strip_prefix('/').and_then(|p| p.strip_prefix(from)).unwrap_or("");
             pq.push('/');
             pq.push_str(to_bucket);
             pq.push_str(rest);
@@ -336,29 +281,15 @@ fn build_request(
 fn to_client(resp: Response<Incoming>, upstream: Upstream, reason: Reason) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(
-        X_MEDIAROUTE_UPSTREAM.clone(),
-        HeaderValue::from_static(upstream.as_str()),
-    );
-    parts.headers.insert(
-        X_MEDIAROUTE_REASON.clone(),
-        HeaderValue::from_static(reason.as_str()),
-    );
+    parts.headers.insert(X_MEDIAROUTE_UPSTREAM.clone(), HeaderValue::from_static(upstream.as_str()));
+    parts.headers.insert(X_MEDIAROUTE_REASON.clone(), HeaderValue::from_static(reason.as_str()));
     Response::from_parts(parts, RespBody::upstream(body))
 }
 
 /// `host:port` of an upstream, with the scheme's default port.
 fn host_port(t: &UpstreamTarget) -> String {
-    let default = if t.scheme == http::uri::Scheme::HTTPS {
-        443
-    } else {
-        80
-    };
-    format!(
-        "{}:{}",
-        t.authority.host(),
-        t.authority.port_u16().unwrap_or(default)
-    )
+    let default = if t.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 };
+    format!("{}:{}", t.authority.host(), t.authority.port_u16().unwrap_or(default))
 }
 
 /// An error and its causes on one line (hyper's top-level messages are terse).

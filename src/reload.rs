@@ -54,10 +54,7 @@ impl Tables {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let table = RoutingTable::build(&cfg, generation);
         self.current.store(Arc::new(table));
-        Ok(Reloaded {
-            generation,
-            needs_restart: restart_only_changes(&self.started_with, &cfg),
-        })
+        Ok(Reloaded { generation, needs_restart: restart_only_changes(&self.started_with, &cfg) })
     }
 }
 

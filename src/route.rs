@@ -120,12 +120,7 @@ pub fn needs_age(table: &RoutingTable, ctx: &ClientContext, facts: &RequestFacts
 }
 
 /// Decides which upstream serves the request, and why (rules 1-8, first match wins).
-pub fn decide(
-    table: &RoutingTable,
-    ctx: &ClientContext,
-    facts: &RequestFacts,
-    age: Age,
-) -> (Upstream, Reason) {
+pub fn decide(table: &RoutingTable, ctx: &ClientContext, facts: &RequestFacts, age: Age) -> (Upstream, Reason) {
     if let Some(reason) = before_age(table, ctx, facts) {
         return (Upstream::Primary, reason);
     }

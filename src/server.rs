@@ -45,10 +45,7 @@ impl Running {
     /// Stops accepting, waits up to `grace` for in-flight requests, then returns.
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.stop.send(true);
-        if tokio::time::timeout(grace + Duration::from_secs(1), self.task)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace + Duration::from_secs(1), self.task).await.is_err() {
             tracing::warn!("server did not stop in time");
         }
     }
@@ -57,32 +54,19 @@ impl Running {
 /// Binds the listener from `cfg` and starts serving in the background.
 pub async fn start(cfg: Config) -> Result<Running, ServerError> {
     let addr = cfg.listen.addr;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Bind { addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| ServerError::Bind { addr, source })?;
+    let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
+    let local = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
     let tables = Arc::new(Tables::new(cfg.clone()));
     let proxy = Arc::new(Proxy::new(&cfg, tables));
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(accept_loop(listener, Arc::clone(&proxy), stopped));
     tracing::info!(addr = %local, "listening");
-    Ok(Running {
-        addr: local,
-        proxy,
-        stop,
-        task,
-    })
+    Ok(Running { addr: local, proxy, stop, task })
 }
 
 async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, mut stopped: watch::Receiver<bool>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(64 * 1024);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).max_buf_size(64 * 1024);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     loop {
@@ -115,9 +99,7 @@ fn serve(
         let proxy = Arc::clone(&proxy);
         async move { Ok::<_, std::convert::Infallible>(proxy.serve(req, peer).await) }
     });
-    let conn = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .into_owned();
+    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
     let conn = graceful.watch(conn);
     tokio::spawn(async move {
         if let Err(e) = conn.await {

@@ -48,10 +48,7 @@ impl NetSet {
                 IpNet::V6(n) => v6.push((u128::from(n.network()), u128::from(n.broadcast()))),
             }
         }
-        NetSet {
-            v4: merge(v4),
-            v6: merge(v6),
-        }
+        NetSet { v4: merge(v4), v6: merge(v6) }
     }
 
     /// Whether `ip` is in any range; IPv4-mapped IPv6 addresses count as IPv4.
@@ -150,11 +147,7 @@ pub struct RoutingTable {
 impl RoutingTable {
     /// Builds the table from a checked config.
     pub fn build(cfg: &Config, generation: u64) -> RoutingTable {
-        let users = cfg
-            .users
-            .iter()
-            .map(|(name, mode)| (Box::from(name.as_str()), *mode))
-            .collect();
+        let users = cfg.users.iter().map(|(name, mode)| (Box::from(name.as_str()), *mode)).collect();
         RoutingTable {
             users,
             default_mode: cfg.replication.default_mode,
@@ -177,8 +170,7 @@ impl RoutingTable {
 
     /// The mode that applies to `user` (`None` is anonymous).
     pub fn mode_of(&self, user: Option<&str>) -> Mode {
-        user.and_then(|u| self.users.get(u).copied())
-            .unwrap_or(self.default_mode)
+        user.and_then(|u| self.users.get(u).copied()).unwrap_or(self.default_mode)
     }
 
     /// Number of listed users.
@@ -199,9 +191,7 @@ fn target(u: &crate::config::UpstreamConfig) -> UpstreamTarget {
     let parts = u.url.clone().into_parts();
     UpstreamTarget {
         scheme: parts.scheme.unwrap_or(http::uri::Scheme::HTTP),
-        authority: parts
-            .authority
-            .unwrap_or_else(|| http::uri::Authority::from_static("localhost")),
+        authority: parts.authority.unwrap_or_else(|| http::uri::Authority::from_static("localhost")),
         bucket: u.bucket.as_deref().map(Box::from),
     }
 }
@@ -221,17 +211,8 @@ mod tests {
 
     #[test]
     fn nested_and_overlapping_ranges_merge() {
-        let s = set(&[
-            "10.0.0.0/8",
-            "10.20.0.0/16",
-            "10.255.0.0/16",
-            "11.0.0.0/8",
-            "192.168.1.0/24",
-        ]);
-        assert_eq!(
-            s.v4,
-            vec![(0x0a00_0000, 0x0bff_ffff), (0xc0a8_0100, 0xc0a8_01ff)]
-        );
+        let s = set(&["10.0.0.0/8", "10.20.0.0/16", "10.255.0.0/16", "11.0.0.0/8", "192.168.1.0/24"]);
+        assert_eq!(s.v4, vec![(0x0a00_0000, 0x0bff_ffff), (0xc0a8_0100, 0xc0a8_01ff)]);
         assert!(s.contains(ip("10.20.3.4")));
         assert!(s.contains(ip("11.255.255.255")));
         assert!(!s.contains(ip("12.0.0.0")));

@@ -69,10 +69,7 @@ impl Health {
 
     /// Records a connect failure; returns true when this one marked it down.
     pub fn record_failure(&self, fall: u32) -> bool {
-        let n = self
-            .failures
-            .fetch_add(1, Ordering::Relaxed)
-            .saturating_add(1);
+        let n = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         n >= fall && !self.down.swap(true, Ordering::Relaxed)
     }
 }
@@ -135,8 +132,7 @@ impl Upstreams {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
-                let attempt =
-                    tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&authority)).await;
+                let attempt = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&authority)).await;
                 if matches!(attempt, Ok(Ok(_))) {
                     health.record_success();
                     break;

@@ -38,35 +38,19 @@ fn decide_does_not_allocate() {
         ("nobody", "10.0.0.1"),
     ]
     .iter()
-    .map(|(u, ip)| ClientContext {
-        ip: ip.parse().unwrap(),
-        user: Some((*u).into()),
-    })
+    .map(|(u, ip)| ClientContext { ip: ip.parse().unwrap(), user: Some((*u).into()) })
     .collect();
-    let facts = RequestFacts {
-        read: true,
-        object: true,
-        replica_down: false,
-    };
+    let facts = RequestFacts { read: true, object: true, replica_down: false };
     let mut replicas = 0;
     let before = ALLOCATIONS.load(Ordering::SeqCst);
     for _ in 0..1000 {
         for c in &contexts {
-            for age in [
-                Age::Known(Duration::from_secs(86_400)),
-                Age::Known(Duration::ZERO),
-                Age::Unknown,
-            ] {
-                replicas += usize::from(
-                    decide(&table, c, &facts, age).0 == mediaroute::table::Upstream::Replica,
-                );
+            for age in [Age::Known(Duration::from_secs(86_400)), Age::Known(Duration::ZERO), Age::Unknown] {
+                replicas += usize::from(decide(&table, c, &facts, age).0 == mediaroute::table::Upstream::Replica);
             }
         }
     }
     let after = ALLOCATIONS.load(Ordering::SeqCst);
     assert_eq!(after - before, 0, "decide() allocated");
-    assert_eq!(
-        replicas, 3000,
-        "the yes user and both auto users inside the networks reach the replica when old"
-    );
+    assert_eq!(replicas, 3000, "the yes user and both auto users inside the networks reach the replica when old");
 }

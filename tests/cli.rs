@@ -4,10 +4,7 @@ use std::path::Path;
 use std::process::Command;
 
 fn mediaroute(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mediaroute"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mediaroute")).args(args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -16,20 +13,14 @@ fn mediaroute(args: &[&str]) -> (i32, String, String) {
 }
 
 fn example() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("conf/mediaroute.toml")
-        .display()
-        .to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/mediaroute.toml").display().to_string()
 }
 
 #[test]
 fn check_accepts_the_example() {
     let (code, out, err) = mediaroute(&["check", "--config", &example()]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(
-        out.contains(": ok (5 users, 2 replica networks, delay 15m)"),
-        "{out}"
-    );
+    assert!(out.contains(": ok (5 users, 2 replica networks, delay 15m)"), "{out}");
 }
 
 #[test]
@@ -40,10 +31,7 @@ fn check_lists_every_error_and_exits_1() {
         .unwrap()
         .replace("bob = \"auto\"", "bob = \"sometimes\"")
         .replace("\"10.20.0.0/16\"", "\"10.20.0.0/40\"")
-        .replace(
-            "users_file = \"users.toml\"",
-            "users_file = \"missing.toml\"",
-        );
+        .replace("users_file = \"users.toml\"", "users_file = \"missing.toml\"");
     std::fs::write(&path, &text).unwrap();
     let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
     let (code, out, err) = mediaroute(&["check", "--config", path.to_str().unwrap()]);
@@ -51,18 +39,11 @@ fn check_lists_every_error_and_exits_1() {
     let p = path.display();
     let (net, bob) = (line_of("10.20.0.0/40"), line_of("sometimes"));
     assert!(
-        err.contains(&format!(
-            "{p}:{net}:13: replication.networks[0]: \"10.20.0.0/40\" is not an IP range"
-        )),
+        err.contains(&format!("{p}:{net}:13: replication.networks[0]: \"10.20.0.0/40\" is not an IP range")),
         "{err}"
     );
     assert!(err.contains("replication.users_file: cannot read"), "{err}");
-    assert!(
-        err.contains(&format!(
-            "{p}:{bob}:7: users.bob: \"sometimes\" is not a mode"
-        )),
-        "{err}"
-    );
+    assert!(err.contains(&format!("{p}:{bob}:7: users.bob: \"sometimes\" is not a mode")), "{err}");
     assert!(err.contains("3 error(s)"), "{err}");
 }
 
@@ -70,10 +51,7 @@ fn check_lists_every_error_and_exits_1() {
 fn check_reports_a_missing_file() {
     let (code, _, err) = mediaroute(&["check", "--config", "/nonexistent/mediaroute.toml"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("/nonexistent/mediaroute.toml: cannot read"),
-        "{err}"
-    );
+    assert!(err.contains("/nonexistent/mediaroute.toml: cannot read"), "{err}");
 }
 
 #[test]
@@ -91,46 +69,13 @@ fn explain_prints_upstream_and_reason() {
         "/studio-media/a.mov",
     ]);
     assert_eq!(code, 0);
-    assert!(
-        out.starts_with("upstream: replica\nreason:   replica\n"),
-        "{out}"
-    );
-    let (_, out, _) = mediaroute(&[
-        "explain",
-        "--config",
-        &cfg,
-        "--user",
-        "bob",
-        "--ip",
-        "192.0.2.1",
-    ]);
+    assert!(out.starts_with("upstream: replica\nreason:   replica\n"), "{out}");
+    let (_, out, _) = mediaroute(&["explain", "--config", &cfg, "--user", "bob", "--ip", "192.0.2.1"]);
     assert!(out.contains("reason:   outside-networks"), "{out}");
-    let (_, out, _) = mediaroute(&[
-        "explain",
-        "--config",
-        &cfg,
-        "--user",
-        "alice",
-        "--ip",
-        "192.0.2.1",
-        "--age",
-        "5m",
-    ]);
-    assert!(
-        out.contains("reason:   too-young") && out.contains("age:      5m (delay 15m)"),
-        "{out}"
-    );
-    let (_, out, _) = mediaroute(&[
-        "explain",
-        "--config",
-        &cfg,
-        "--user",
-        "alice",
-        "--ip",
-        "192.0.2.1",
-        "--method",
-        "put",
-    ]);
+    let (_, out, _) = mediaroute(&["explain", "--config", &cfg, "--user", "alice", "--ip", "192.0.2.1", "--age", "5m"]);
+    assert!(out.contains("reason:   too-young") && out.contains("age:      5m (delay 15m)"), "{out}");
+    let (_, out, _) =
+        mediaroute(&["explain", "--config", &cfg, "--user", "alice", "--ip", "192.0.2.1", "--method", "put"]);
     assert!(out.contains("upstream: primary\nreason:   write"), "{out}");
     let (code, _, err) = mediaroute(&["explain", "--config", &cfg, "--ip", "not-an-ip"]);
     assert_eq!(code, 2, "{err}");
@@ -142,10 +87,9 @@ async fn the_demo_tour_shows_every_outcome() {
         .replace("127.0.0.1:8080", "127.0.0.1:0")
         .replace("127.0.0.1:9001", "127.0.0.1:0")
         .replace("127.0.0.1:9002", "127.0.0.1:0");
-    let cfg = mediaroute::config::parse(Path::new("demo.toml"), &text, &|_| {
-        Ok(mediaroute::demo::EXAMPLE_USERS.to_string())
-    })
-    .unwrap();
+    let cfg =
+        mediaroute::config::parse(Path::new("demo.toml"), &text, &|_| Ok(mediaroute::demo::EXAMPLE_USERS.to_string()))
+            .unwrap();
     let demo = mediaroute::demo::start(cfg).await.unwrap();
     let tour = demo.tour().await;
     for expected in [

@@ -16,12 +16,7 @@ async fn replica_404_falls_back_to_the_primary() {
     s.media("legacy.mov", false, OLD);
     let a = s.get_as(&obj("legacy.mov"), Some("alice"), None).await;
     assert_eq!(
-        (
-            a.status,
-            a.upstream.as_str(),
-            a.reason.as_str(),
-            a.body.as_str()
-        ),
+        (a.status, a.upstream.as_str(), a.reason.as_str(), a.body.as_str()),
         (200, "primary", "fallback", "primary:legacy.mov")
     );
     assert_eq!(s.replica.store.hits(), 1, "the replica was asked first");
@@ -32,16 +27,8 @@ async fn replica_403_and_5xx_fall_back() {
     for status in [403, 500, 503] {
         let replica = status_server(status).await;
         let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
-        primary
-            .store
-            .put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
-        let proxy = start_proxy(&config_text(
-            primary.addr,
-            replica.addr,
-            "delay = \"15m\"",
-            "",
-        ))
-        .await;
+        primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
+        let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"15m\"", "")).await;
         let resp = client()
             .get(format!("http://{}{}", proxy.addr, obj("a.mov")))
             .header("x-forwarded-user", "alice")
@@ -49,11 +36,7 @@ async fn replica_403_and_5xx_fall_back() {
             .await
             .unwrap();
         let a = Answer::from(resp).await;
-        assert_eq!(
-            (a.status, a.reason.as_str(), a.body.as_str()),
-            (200, "fallback", "primary"),
-            "replica {status}"
-        );
+        assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "fallback", "primary"), "replica {status}");
         assert_eq!(replica.hits.load(Ordering::SeqCst), 1);
     }
 }
@@ -61,9 +44,7 @@ async fn replica_403_and_5xx_fall_back() {
 #[tokio::test]
 async fn replica_connect_failure_falls_back() {
     let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
-    primary
-        .store
-        .put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
+    primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
     let dead = closed_port().await;
     let proxy = start_proxy(&config_text(primary.addr, dead, "delay = \"15m\"", "")).await;
     let resp = client()
@@ -73,10 +54,7 @@ async fn replica_connect_failure_falls_back() {
         .await
         .unwrap();
     let a = Answer::from(resp).await;
-    assert_eq!(
-        (a.status, a.reason.as_str(), a.body.as_str()),
-        (200, "fallback", "primary")
-    );
+    assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "fallback", "primary"));
 }
 
 #[tokio::test]
@@ -92,10 +70,7 @@ async fn without_fallback_the_replica_answer_stands() {
     let s = Setup::new("delay = \"0s\"\nfallback = false").await;
     s.media("legacy.mov", false, OLD);
     let a = s.get_as(&obj("legacy.mov"), Some("alice"), None).await;
-    assert_eq!(
-        (a.status, a.upstream.as_str(), a.reason.as_str()),
-        (404, "replica", "replica")
-    );
+    assert_eq!((a.status, a.upstream.as_str(), a.reason.as_str()), (404, "replica", "replica"));
     assert_eq!(s.primary.store.hits(), 0);
 }
 
@@ -103,13 +78,7 @@ async fn without_fallback_the_replica_answer_stands() {
 async fn without_fallback_an_unreachable_replica_is_a_502() {
     let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
     let dead = closed_port().await;
-    let proxy = start_proxy(&config_text(
-        primary.addr,
-        dead,
-        "delay = \"0s\"\nfallback = false",
-        "",
-    ))
-    .await;
+    let proxy = start_proxy(&config_text(primary.addr, dead, "delay = \"0s\"\nfallback = false", "")).await;
     let resp = client()
         .get(format!("http://{}{}", proxy.addr, obj("a.mov")))
         .header("x-forwarded-user", "alice")
@@ -118,12 +87,7 @@ async fn without_fallback_an_unreachable_replica_is_a_502() {
         .unwrap();
     assert_eq!(resp.status(), 502);
     assert_eq!(resp.headers()["content-type"], "application/xml");
-    assert!(
-        resp.text()
-            .await
-            .unwrap()
-            .contains("<Code>BadGateway</Code>")
-    );
+    assert!(resp.text().await.unwrap().contains("<Code>BadGateway</Code>"));
 }
 
 #[tokio::test]
@@ -131,35 +95,19 @@ async fn unreachable_primary_is_a_502_with_an_s3_error() {
     let replica = store::serve(loopback0(), Store::new("r")).await.unwrap();
     let dead = closed_port().await;
     let proxy = start_proxy(&config_text(dead, replica.addr, "delay = \"0s\"", "")).await;
-    let resp = client()
-        .put(format!("http://{}{}", proxy.addr, obj("a.mov")))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let resp = client().put(format!("http://{}{}", proxy.addr, obj("a.mov"))).body("x").send().await.unwrap();
     assert_eq!(resp.status(), 502);
     let body = resp.text().await.unwrap();
-    assert!(
-        body.contains("<Code>BadGateway</Code>") && body.contains("primary unreachable"),
-        "{body}"
-    );
+    assert!(body.contains("<Code>BadGateway</Code>") && body.contains("primary unreachable"), "{body}");
 }
 
 #[tokio::test]
 async fn a_dead_replica_is_marked_down_and_comes_back_by_itself() {
     let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
-    primary
-        .store
-        .put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
+    primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
     let replica_addr = closed_port().await;
     let tail = "[health]\nfall = 3\nretry_interval = \"100ms\"";
-    let proxy = start_proxy(&config_text(
-        primary.addr,
-        replica_addr,
-        "delay = \"15m\"",
-        tail,
-    ))
-    .await;
+    let proxy = start_proxy(&config_text(primary.addr, replica_addr, "delay = \"15m\"", tail)).await;
     let get = || async {
         let resp = client()
             .get(format!("http://{}{}", proxy.addr, obj("a.mov")))
@@ -174,15 +122,11 @@ async fn a_dead_replica_is_marked_down_and_comes_back_by_itself() {
     }
     // After three connect failures the replica is not tried any more.
     let a = get().await;
-    assert_eq!(
-        (a.status, a.reason.as_str(), a.body.as_str()),
-        (200, "replica-down", "primary")
-    );
+    assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "replica-down", "primary"));
 
     // The replica comes back on the same address: within a few retry intervals it is used again.
     let back = store::serve(replica_addr, Store::new("r")).await.unwrap();
-    back.store
-        .put(&format!("/{RB}/a.mov"), "replica", SystemTime::now() - OLD);
+    back.store.put(&format!("/{RB}/a.mov"), "replica", SystemTime::now() - OLD);
     let mut reason = String::new();
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -21,19 +21,8 @@ async fn rule1_write_goes_to_the_primary_only() {
         .await
         .unwrap();
     let a = Answer::from(resp).await;
-    assert_eq!(
-        (a.status, a.upstream.as_str(), a.reason.as_str()),
-        (200, "primary", "write")
-    );
-    assert_eq!(
-        s.primary
-            .store
-            .get(&obj("up/new.mov"))
-            .unwrap()
-            .body
-            .as_ref(),
-        &body[..]
-    );
+    assert_eq!((a.status, a.upstream.as_str(), a.reason.as_str()), (200, "primary", "write"));
+    assert_eq!(s.primary.store.get(&obj("up/new.mov")).unwrap().body.as_ref(), &body[..]);
     assert_eq!(s.replica.store.hits(), 0);
 }
 
@@ -41,18 +30,11 @@ async fn rule1_write_goes_to_the_primary_only() {
 async fn rule2_not_an_object() {
     let s = Setup::new("delay = \"15m\"").await;
     s.media("a.mov", true, OLD);
-    for path in [
-        format!("/{PB}"),
-        format!("/{PB}/"),
-        format!("{}?acl", obj("a.mov")),
-        format!("{}?tagging", obj("a.mov")),
-    ] {
+    for path in
+        [format!("/{PB}"), format!("/{PB}/"), format!("{}?acl", obj("a.mov")), format!("{}?tagging", obj("a.mov"))]
+    {
         let a = s.get_as(&path, Some("alice"), None).await;
-        assert_eq!(
-            (a.upstream.as_str(), a.reason.as_str()),
-            ("primary", "not-object"),
-            "{path}"
-        );
+        assert_eq!((a.upstream.as_str(), a.reason.as_str()), ("primary", "not-object"), "{path}");
     }
     assert_eq!(s.replica.store.hits(), 0);
 }
@@ -63,42 +45,21 @@ async fn rule3_mode_no_unknown_and_anonymous() {
     s.media("a.mov", true, OLD);
     for user in [Some("carol"), Some("zed"), None] {
         let a = s.get_as(&obj("a.mov"), user, Some(INSIDE)).await;
-        assert_eq!(
-            (a.status, a.reason.as_str(), a.body.as_str()),
-            (200, "mode-no", "primary:a.mov"),
-            "{user:?}"
-        );
+        assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "mode-no", "primary:a.mov"), "{user:?}");
     }
 }
 
 #[tokio::test]
 async fn default_mode_yes_applies_to_anonymous() {
-    let primary =
-        mediaroute::demo::store::serve(loopback0(), mediaroute::demo::store::Store::new("p"))
-            .await
-            .unwrap();
-    let replica =
-        mediaroute::demo::store::serve(loopback0(), mediaroute::demo::store::Store::new("r"))
-            .await
-            .unwrap();
+    let primary = mediaroute::demo::store::serve(loopback0(), mediaroute::demo::store::Store::new("p")).await.unwrap();
+    let replica = mediaroute::demo::store::serve(loopback0(), mediaroute::demo::store::Store::new("r")).await.unwrap();
     let text = config_text(primary.addr, replica.addr, "delay = \"0s\"", "")
         .replace("default_mode = \"no\"", "default_mode = \"yes\"");
     let proxy = start_proxy(&text).await;
-    replica.store.put(
-        &format!("/{RB}/k.mov"),
-        "replica",
-        std::time::SystemTime::now(),
-    );
-    let resp = client()
-        .get(format!("http://{}{}", proxy.addr, obj("k.mov")))
-        .send()
-        .await
-        .unwrap();
+    replica.store.put(&format!("/{RB}/k.mov"), "replica", std::time::SystemTime::now());
+    let resp = client().get(format!("http://{}{}", proxy.addr, obj("k.mov"))).send().await.unwrap();
     let a = Answer::from(resp).await;
-    assert_eq!(
-        (a.upstream.as_str(), a.reason.as_str(), a.body.as_str()),
-        ("replica", "replica", "replica")
-    );
+    assert_eq!((a.upstream.as_str(), a.reason.as_str(), a.body.as_str()), ("replica", "replica", "replica"));
 }
 
 #[tokio::test]
@@ -106,19 +67,11 @@ async fn rule4_auto_follows_the_client_network() {
     let s = Setup::new("delay = \"15m\"").await;
     s.media("a.mov", true, OLD);
     let inside = s.get_as(&obj("a.mov"), Some("bob"), Some(INSIDE)).await;
-    assert_eq!(
-        (inside.reason.as_str(), inside.body.as_str()),
-        ("replica", "replica:a.mov")
-    );
-    let v6 = s
-        .get_as(&obj("a.mov"), Some("bob"), Some("2001:db8::42"))
-        .await;
+    assert_eq!((inside.reason.as_str(), inside.body.as_str()), ("replica", "replica:a.mov"));
+    let v6 = s.get_as(&obj("a.mov"), Some("bob"), Some("2001:db8::42")).await;
     assert_eq!(v6.reason, "replica");
     let outside = s.get_as(&obj("a.mov"), Some("bob"), Some(OUTSIDE)).await;
-    assert_eq!(
-        (outside.reason.as_str(), outside.body.as_str()),
-        ("outside-networks", "primary:a.mov")
-    );
+    assert_eq!((outside.reason.as_str(), outside.body.as_str()), ("outside-networks", "primary:a.mov"));
     // No X-Forwarded-For: the loopback peer itself is the client, outside the networks.
     let direct = s.get_as(&obj("a.mov"), Some("bob"), None).await;
     assert_eq!(direct.reason, "outside-networks");
@@ -130,25 +83,15 @@ async fn rule6_too_young_and_rule8_replica() {
     s.media("young.mov", true, Duration::from_secs(60));
     s.media("old.mov", true, OLD);
     let young = s.get_as(&obj("young.mov"), Some("alice"), None).await;
-    assert_eq!(
-        (young.reason.as_str(), young.body.as_str()),
-        ("too-young", "primary:young.mov")
-    );
+    assert_eq!((young.reason.as_str(), young.body.as_str()), ("too-young", "primary:young.mov"));
     let old = s.get_as(&obj("old.mov"), Some("alice"), None).await;
     assert_eq!(
-        (
-            old.upstream.as_str(),
-            old.reason.as_str(),
-            old.body.as_str()
-        ),
+        (old.upstream.as_str(), old.reason.as_str(), old.body.as_str()),
         ("replica", "replica", "replica:old.mov")
     );
     // Missing on the primary: it cannot have replicated; the primary's 404 is passed on.
     let missing = s.get_as(&obj("nope.mov"), Some("alice"), None).await;
-    assert_eq!(
-        (missing.status, missing.reason.as_str()),
-        (404, "too-young")
-    );
+    assert_eq!((missing.status, missing.reason.as_str()), (404, "too-young"));
     assert!(missing.body.contains("NoSuchKey"));
 }
 
@@ -157,10 +100,7 @@ async fn old_objects_are_probed_once() {
     let s = Setup::new("delay = \"15m\"").await;
     s.media("old.mov", true, OLD);
     for _ in 0..5 {
-        assert_eq!(
-            s.get_as(&obj("old.mov"), Some("alice"), None).await.reason,
-            "replica"
-        );
+        assert_eq!(s.get_as(&obj("old.mov"), Some("alice"), None).await.reason, "replica");
     }
     // One HEAD probe for five downloads.
     assert_eq!(s.primary.store.hits(), 1);
@@ -170,23 +110,15 @@ async fn old_objects_are_probed_once() {
 #[tokio::test]
 async fn rule7_age_unknown_when_the_probe_times_out() {
     // A primary that never answers HEAD within the probe timeout, but serves GET.
-    let primary = serve_fn(
-        loopback0(),
-        |req: http::Request<hyper::body::Incoming>| async move {
-            if req.method() == http::Method::HEAD {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-            http::Response::new(full("primary"))
-        },
-    )
+    let primary = serve_fn(loopback0(), |req: http::Request<hyper::body::Incoming>| async move {
+        if req.method() == http::Method::HEAD {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        http::Response::new(full("primary"))
+    })
     .await;
     let replica = status_server(200).await;
-    let text = config_text(
-        primary.addr,
-        replica.addr,
-        "delay = \"15m\"",
-        "[limits]\nage_probe_timeout = \"200ms\"",
-    );
+    let text = config_text(primary.addr, replica.addr, "delay = \"15m\"", "[limits]\nage_probe_timeout = \"200ms\"");
     let proxy = start_proxy(&text).await;
     let started = std::time::Instant::now();
     let resp = client()
@@ -196,14 +128,8 @@ async fn rule7_age_unknown_when_the_probe_times_out() {
         .await
         .unwrap();
     let a = Answer::from(resp).await;
-    assert_eq!(
-        (a.upstream.as_str(), a.reason.as_str(), a.body.as_str()),
-        ("primary", "age-unknown", "primary")
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "the probe timeout bounds the wait"
-    );
+    assert_eq!((a.upstream.as_str(), a.reason.as_str(), a.body.as_str()), ("primary", "age-unknown", "primary"));
+    assert!(started.elapsed() < Duration::from_secs(4), "the probe timeout bounds the wait");
     assert_eq!(replica.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
@@ -212,10 +138,7 @@ async fn zero_delay_tries_the_replica_without_probing() {
     let s = Setup::new("delay = \"0s\"").await;
     s.media("new.mov", true, Duration::ZERO);
     let a = s.get_as(&obj("new.mov"), Some("alice"), None).await;
-    assert_eq!(
-        (a.reason.as_str(), a.body.as_str()),
-        ("replica", "replica:new.mov")
-    );
+    assert_eq!((a.reason.as_str(), a.body.as_str()), ("replica", "replica:new.mov"));
     assert_eq!(s.primary.store.hits(), 0, "no probe with delay 0");
 }
 
@@ -223,14 +146,7 @@ async fn zero_delay_tries_the_replica_without_probing() {
 async fn user_query_parameter_identifies_and_is_stripped() {
     let s = Setup::new("delay = \"0s\"").await;
     s.media("a.mov", true, OLD);
-    let a = Answer::from(
-        s.client
-            .get(format!("{}?user=alice", s.url(&obj("a.mov"))))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let a = Answer::from(s.client.get(format!("{}?user=alice", s.url(&obj("a.mov")))).send().await.unwrap()).await;
     assert_eq!(a.reason, "replica");
 }
 
@@ -250,13 +166,7 @@ async fn range_conditional_and_head_pass_through() {
     assert_eq!(ranged.headers()["content-range"], "bytes 0-6/16");
     assert_eq!(ranged.text().await.unwrap(), "replica");
 
-    let full = s
-        .client
-        .get(s.url(&obj("clip.mov")))
-        .header("x-forwarded-user", "alice")
-        .send()
-        .await
-        .unwrap();
+    let full = s.client.get(s.url(&obj("clip.mov"))).header("x-forwarded-user", "alice").send().await.unwrap();
     let etag = full.headers()["etag"].clone();
     let not_modified = s
         .client
@@ -269,13 +179,7 @@ async fn range_conditional_and_head_pass_through() {
     assert_eq!(not_modified.status(), 304);
     assert_eq!(not_modified.headers()["x-mediaroute-upstream"], "replica");
 
-    let head = s
-        .client
-        .head(s.url(&obj("clip.mov")))
-        .header("x-forwarded-user", "alice")
-        .send()
-        .await
-        .unwrap();
+    let head = s.client.head(s.url(&obj("clip.mov"))).header("x-forwarded-user", "alice").send().await.unwrap();
     assert_eq!(head.status(), 200);
     assert_eq!(head.headers()["content-length"], "16");
     assert_eq!(head.headers()["x-mediaroute-reason"], "replica");
@@ -286,17 +190,8 @@ async fn range_conditional_and_head_pass_through() {
 async fn cleartext_http2_clients_are_served() {
     let s = Setup::new("delay = \"15m\"").await;
     s.media("a.mov", true, OLD);
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
-    let resp = h2
-        .get(s.url(&obj("a.mov")))
-        .header("x-forwarded-user", "alice")
-        .send()
-        .await
-        .unwrap();
+    let h2 = reqwest::Client::builder().no_proxy().http2_prior_knowledge().build().unwrap();
+    let resp = h2.get(s.url(&obj("a.mov"))).header("x-forwarded-user", "alice").send().await.unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     let a = Answer::from(resp).await;
     assert_eq!((a.status, a.body.as_str()), (200, "replica:a.mov"));

@@ -42,20 +42,13 @@ impl S3 {
                 let Ok((socket, _)) = listener.accept().await else {
                     continue;
                 };
-                let conn = http
-                    .serve_connection(TokioIo::new(socket), service.clone())
-                    .into_owned();
+                let conn = http.serve_connection(TokioIo::new(socket), service.clone()).into_owned();
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
             }
         });
-        S3 {
-            addr,
-            root,
-            bucket,
-            task,
-        }
+        S3 { addr, root, bucket, task }
     }
 
     /// Writes an object straight to disk with the given age (s3s-fs reports the file mtime).
@@ -84,15 +77,8 @@ async fn setup(replication: &str) -> (S3, S3, mediaroute::server::Running) {
 }
 
 async fn get(proxy: SocketAddr, path: &str, user: &str) -> Answer {
-    Answer::from(
-        client()
-            .get(format!("http://{proxy}{path}"))
-            .header("x-forwarded-user", user)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
+    Answer::from(client().get(format!("http://{proxy}{path}")).header("x-forwarded-user", user).send().await.unwrap())
+        .await
 }
 
 #[tokio::test]
@@ -110,35 +96,22 @@ async fn ages_come_from_last_modified() {
     assert_eq!(put.headers()["x-mediaroute-reason"], "write");
     assert!(primary.has("new.mov") && !replica.has("new.mov"));
     let a = get(proxy.addr, &obj("new.mov"), "alice").await;
-    assert_eq!(
-        (a.status, a.reason.as_str(), a.body.as_str()),
-        (200, "too-young", "fresh")
-    );
+    assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "too-young", "fresh"));
 
     // An hour old and replicated: the replica serves it.
     primary.put_aged("shots/old.mov", "from primary", Duration::from_secs(3600));
     replica.put_aged("shots/old.mov", "from replica", Duration::from_secs(3600));
     let a = get(proxy.addr, &obj("shots/old.mov"), "alice").await;
-    assert_eq!(
-        (a.status, a.reason.as_str(), a.body.as_str()),
-        (200, "replica", "from replica")
-    );
+    assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "replica", "from replica"));
     assert!(a.headers.contains_key("last-modified"));
 }
 
 #[tokio::test]
 async fn no_such_key_on_the_replica_falls_back() {
     let (primary, _replica, proxy) = setup("delay = \"15m\"").await;
-    primary.put_aged(
-        "legacy/pilot.mov",
-        "only on the primary",
-        Duration::from_secs(400 * 86_400),
-    );
+    primary.put_aged("legacy/pilot.mov", "only on the primary", Duration::from_secs(400 * 86_400));
     let a = get(proxy.addr, &obj("legacy/pilot.mov"), "alice").await;
-    assert_eq!(
-        (a.status, a.reason.as_str(), a.body.as_str()),
-        (200, "fallback", "only on the primary")
-    );
+    assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "fallback", "only on the primary"));
     // Missing everywhere: the primary's NoSuchKey reaches the client.
     let a = get(proxy.addr, &obj("legacy/none.mov"), "alice").await;
     assert_eq!(a.status, 404);
@@ -166,23 +139,14 @@ async fn ranges_and_heads_against_real_s3() {
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        (
-            head.status().as_u16(),
-            head.headers()["content-length"].to_str().unwrap()
-        ),
-        (200, "18")
-    );
+    assert_eq!((head.status().as_u16(), head.headers()["content-length"].to_str().unwrap()), (200, "18"));
     assert_eq!(head.headers()["x-mediaroute-upstream"], "primary");
 }
 
 /// Pulls `<Tag>value</Tag>` out of an XML body.
 fn xml_value(body: &str, tag: &str) -> String {
     let open = format!("<{tag}>");
-    let start = body
-        .find(&open)
-        .unwrap_or_else(|| panic!("no {tag} in {body}"))
-        + open.len();
+    let start = body.find(&open).unwrap_or_else(|| panic!("no {tag} in {body}")) + open.len();
     let end = body[start..].find("</").unwrap() + start;
     body[start..end].to_string()
 }
@@ -192,12 +156,7 @@ async fn multipart_upload_reaches_only_the_primary() {
     let (primary, replica, proxy) = setup("delay = \"0s\"").await;
     let url = format!("http://{}{}", proxy.addr, obj("renders/final.exr"));
     let c = client();
-    let init = c
-        .post(format!("{url}?uploads"))
-        .header("x-forwarded-user", "alice")
-        .send()
-        .await
-        .unwrap();
+    let init = c.post(format!("{url}?uploads")).header("x-forwarded-user", "alice").send().await.unwrap();
     assert_eq!(init.headers()["x-mediaroute-upstream"], "primary");
     let upload_id = xml_value(&init.text().await.unwrap(), "UploadId");
 
@@ -235,11 +194,6 @@ async fn multipart_upload_reaches_only_the_primary() {
     assert!(!replica.has("renders/final.exr"));
 
     // Listing the parts of an upload is a sub-resource read: primary.
-    let a = get(
-        proxy.addr,
-        &format!("{}?uploadId=x", obj("renders/final.exr")),
-        "alice",
-    )
-    .await;
+    let a = get(proxy.addr, &format!("{}?uploadId=x", obj("renders/final.exr")), "alice").await;
     assert_eq!(a.reason, "not-object");
 }

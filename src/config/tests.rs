@@ -21,18 +21,11 @@ alice = "yes"
 "#;
 
 fn parse_str(src: &str) -> Result<Config, ConfigErrors> {
-    parse(Path::new("/etc/mr/m.toml"), src, &|_| {
-        Ok("zed = \"auto\"\n".to_string())
-    })
+    parse(Path::new("/etc/mr/m.toml"), src, &|_| Ok("zed = \"auto\"\n".to_string()))
 }
 
 fn errors(src: &str) -> Vec<String> {
-    parse_str(src)
-        .unwrap_err()
-        .0
-        .iter()
-        .map(|e| e.to_string())
-        .collect()
+    parse_str(src).unwrap_err().0.iter().map(|e| e.to_string()).collect()
 }
 
 #[test]
@@ -41,10 +34,7 @@ fn good_config_parses_with_defaults() {
     assert_eq!(cfg.replication.delay, Duration::from_secs(900));
     assert_eq!(cfg.replication.default_mode, Mode::No);
     assert!(cfg.replication.fallback);
-    assert_eq!(
-        cfg.identity.user_header.as_deref(),
-        Some("x-forwarded-user")
-    );
+    assert_eq!(cfg.identity.user_header.as_deref(), Some("x-forwarded-user"));
     assert_eq!(cfg.identity.trusted_proxies[1].to_string(), "::1/128");
     assert_eq!(cfg.users["alice"], Mode::Yes);
     assert_eq!(cfg.limits.age_cache_entries, 100_000);
@@ -57,44 +47,23 @@ fn bad_mode_names_line_column_and_key() {
     let errs = errors(&src);
     assert_eq!(
         errs,
-        vec![
-            "/etc/mr/m.toml:15:9: users.carol: \"sometimes\" is not a mode: expected \"no\", \"yes\" or \"auto\""
-        ]
+        vec!["/etc/mr/m.toml:15:9: users.carol: \"sometimes\" is not a mode: expected \"no\", \"yes\" or \"auto\""]
     );
 }
 
 #[test]
 fn every_error_is_reported_at_once() {
     let src = GOOD
-        .replace(
-            "\"10.20.0.0/16\"",
-            "\"10.20.0.0/33\", \"10.1.0.0/16\", \"banana\"",
-        )
+        .replace("\"10.20.0.0/16\"", "\"10.20.0.0/33\", \"10.1.0.0/16\", \"banana\"")
         .replace("http://127.0.0.1:9001", "ftp://127.0.0.1:9001")
         .replace("alice = \"yes\"", "alice = \"maybe\"")
         .replace("delay = \"15m\"", "delay = \"soon\"");
     let errs = errors(&src);
     assert_eq!(errs.len(), 5, "{errs:#?}");
-    assert!(
-        errs[0].contains(":7:7: primary.url: \"ftp://127.0.0.1:9001\" has scheme \"ftp\""),
-        "{}",
-        errs[0]
-    );
-    assert!(
-        errs[1].contains(":11:13: replication.networks[0]: \"10.20.0.0/33\" is not an IP range"),
-        "{}",
-        errs[1]
-    );
-    assert!(
-        errs[2].contains(":11:44: replication.networks[2]: \"banana\""),
-        "{}",
-        errs[2]
-    );
-    assert!(
-        errs[3].contains("replication.delay: \"soon\" is not a duration"),
-        "{}",
-        errs[3]
-    );
+    assert!(errs[0].contains(":7:7: primary.url: \"ftp://127.0.0.1:9001\" has scheme \"ftp\""), "{}", errs[0]);
+    assert!(errs[1].contains(":11:13: replication.networks[0]: \"10.20.0.0/33\" is not an IP range"), "{}", errs[1]);
+    assert!(errs[2].contains(":11:44: replication.networks[2]: \"banana\""), "{}", errs[2]);
+    assert!(errs[3].contains("replication.delay: \"soon\" is not a duration"), "{}", errs[3]);
     assert!(errs[4].contains("users.alice"), "{}", errs[4]);
 }
 
@@ -103,21 +72,13 @@ fn unknown_keys_are_errors_with_position() {
     let src = GOOD.replace("delay = \"15m\"", "delay = \"15m\"\ndelays = \"1m\"");
     let errs = errors(&src);
     assert_eq!(errs.len(), 1);
-    assert!(
-        errs[0].starts_with("/etc/mr/m.toml:13:1: replication.delays: unknown field `delays`"),
-        "{}",
-        errs[0]
-    );
+    assert!(errs[0].starts_with("/etc/mr/m.toml:13:1: replication.delays: unknown field `delays`"), "{}", errs[0]);
 }
 
 #[test]
 fn syntax_errors_have_a_position() {
     let errs = errors(&GOOD.replace("alice = \"yes\"", "alice = yes"));
-    assert!(
-        errs[0].starts_with("/etc/mr/m.toml:14:9: users.alice:"),
-        "{}",
-        errs[0]
-    );
+    assert!(errs[0].starts_with("/etc/mr/m.toml:14:9: users.alice:"), "{}", errs[0]);
 }
 
 #[test]
@@ -135,17 +96,11 @@ fn url_must_be_http_or_https_with_host_only() {
 
 #[test]
 fn bucket_on_one_upstream_only_is_an_error() {
-    let src = GOOD.replace(
-        "url = \"http://127.0.0.1:9001\"",
-        "url = \"http://127.0.0.1:9001\"\nbucket = \"studio-media\"",
-    );
+    let src =
+        GOOD.replace("url = \"http://127.0.0.1:9001\"", "url = \"http://127.0.0.1:9001\"\nbucket = \"studio-media\"");
     let errs = errors(&src);
     assert_eq!(errs.len(), 1);
-    assert!(
-        errs[0].contains(":8:10: primary.bucket: set on the primary only"),
-        "{}",
-        errs[0]
-    );
+    assert!(errs[0].contains(":8:10: primary.bucket: set on the primary only"), "{}", errs[0]);
     let both = src.replace(
         "url = \"https://replica.example:8443\"",
         "url = \"https://replica.example:8443\"\nbucket = \"studio-media-eu\"",
@@ -172,38 +127,22 @@ fn users_file_is_relative_and_config_users_win() {
 #[test]
 fn users_file_errors_name_that_file() {
     let src = GOOD.replace("delay = \"15m\"", "users_file = \"users.toml\"");
-    let errs = parse(Path::new("/etc/mr/m.toml"), &src, &|_| {
-        Ok("# users\nzed = \"always\"\n".to_string())
-    })
-    .unwrap_err();
+    let errs =
+        parse(Path::new("/etc/mr/m.toml"), &src, &|_| Ok("# users\nzed = \"always\"\n".to_string())).unwrap_err();
     assert_eq!(
         errs.0[0].to_string(),
         "/etc/mr/users.toml:2:7: zed: \"always\" is not a mode: expected \"no\", \"yes\" or \"auto\""
     );
-    let errs = parse(Path::new("/etc/mr/m.toml"), &src, &|_| {
-        Err(std::io::Error::from(std::io::ErrorKind::NotFound))
-    })
-    .unwrap_err();
-    assert!(
-        errs.0[0]
-            .to_string()
-            .contains("replication.users_file: cannot read /etc/mr/users.toml"),
-        "{}",
-        errs.0[0]
-    );
+    let errs = parse(Path::new("/etc/mr/m.toml"), &src, &|_| Err(std::io::Error::from(std::io::ErrorKind::NotFound)))
+        .unwrap_err();
+    assert!(errs.0[0].to_string().contains("replication.users_file: cannot read /etc/mr/users.toml"), "{}", errs.0[0]);
 }
 
 #[test]
 fn not_yet_available_features_are_refused_clearly() {
-    let src = GOOD.replace(
-        "addr = \"127.0.0.1:8080\"",
-        "addr = \"127.0.0.1:8080\"\nproxy_protocol = true",
-    );
+    let src = GOOD.replace("addr = \"127.0.0.1:8080\"", "addr = \"127.0.0.1:8080\"\nproxy_protocol = true");
     assert!(errors(&src)[0].contains("listen.proxy_protocol: PROXY protocol is not available"));
-    let src = GOOD.replace(
-        "url = \"http://127.0.0.1:9001\"",
-        "url = \"http://127.0.0.1:9001\"\nauth = \"sigv4\"",
-    );
+    let src = GOOD.replace("url = \"http://127.0.0.1:9001\"", "url = \"http://127.0.0.1:9001\"\nauth = \"sigv4\"");
     assert!(errors(&src)[0].contains("primary.auth: request signing"));
 }
 

@@ -46,17 +46,9 @@ pub enum DemoError {
 
 /// The sample objects: (path, on the replica too, age).
 const SAMPLES: [(&str, bool, Duration); 3] = [
-    (
-        "shots/sh010/plate.mov",
-        true,
-        Duration::from_secs(3 * 86_400),
-    ),
+    ("shots/sh010/plate.mov", true, Duration::from_secs(3 * 86_400)),
     ("shots/sh020/edit_v3.mov", true, Duration::from_secs(120)),
-    (
-        "archive/pilot/final.mov",
-        false,
-        Duration::from_secs(400 * 86_400),
-    ),
+    ("archive/pilot/final.mov", false, Duration::from_secs(400 * 86_400)),
 ];
 
 /// Everything the demo started; dropping it stops the upstreams.
@@ -87,10 +79,7 @@ pub fn demo_config(path: Option<&Path>) -> Result<Config, ConfigErrors> {
 pub async fn start(mut cfg: Config) -> Result<Demo, DemoError> {
     let primary = start_store(&cfg, "primary").await?;
     let replica = start_store(&cfg, "replica").await?;
-    for (url, addr) in [
-        (&mut cfg.primary.url, primary.addr),
-        (&mut cfg.replica.url, replica.addr),
-    ] {
+    for (url, addr) in [(&mut cfg.primary.url, primary.addr), (&mut cfg.replica.url, replica.addr)] {
         if let Ok(u) = format!("http://{addr}").parse() {
             *url = u;
         }
@@ -100,49 +89,27 @@ pub async fn start(mut cfg: Config) -> Result<Demo, DemoError> {
     let rb = cfg.replica.bucket.clone().unwrap_or_else(|| pb.clone());
     for (key, replicated, age) in SAMPLES {
         let at = now - age;
-        primary.store.put(
-            &format!("/{pb}/{key}"),
-            format!("{key} from the PRIMARY region\n"),
-            at,
-        );
+        primary.store.put(&format!("/{pb}/{key}"), format!("{key} from the PRIMARY region\n"), at);
         if replicated {
-            replica.store.put(
-                &format!("/{rb}/{key}"),
-                format!("{key} from the REPLICA region\n"),
-                at,
-            );
+            replica.store.put(&format!("/{rb}/{key}"), format!("{key} from the REPLICA region\n"), at);
         }
     }
     let proxy = server::start(cfg.clone()).await?;
-    Ok(Demo {
-        proxy,
-        primary,
-        replica,
-        config: cfg,
-    })
+    Ok(Demo { proxy, primary, replica, config: cfg })
 }
 
 async fn start_store(cfg: &Config, name: &'static str) -> Result<StoreServer, DemoError> {
-    let url = if name == "primary" {
-        &cfg.primary.url
-    } else {
-        &cfg.replica.url
-    };
+    let url = if name == "primary" { &cfg.primary.url } else { &cfg.replica.url };
     let authority = url.authority().ok_or(DemoError::NotLocal(name))?;
-    let addr: std::net::SocketAddr = authority
-        .as_str()
-        .parse()
-        .map_err(|_| DemoError::NotLocal(name))?;
+    let addr: std::net::SocketAddr = authority.as_str().parse().map_err(|_| DemoError::NotLocal(name))?;
     if url.scheme_str() != Some("http") || !addr.ip().is_loopback() {
         return Err(DemoError::NotLocal(name));
     }
-    store::serve(addr, Store::new(name))
-        .await
-        .map_err(|source| DemoError::Upstream {
-            name,
-            addr: addr.to_string(),
-            source,
-        })
+    store::serve(addr, Store::new(name)).await.map_err(|source| DemoError::Upstream {
+        name,
+        addr: addr.to_string(),
+        source,
+    })
 }
 
 /// One curl line of the tour: what it shows and the request it makes.
@@ -156,12 +123,7 @@ struct Step {
 
 impl Demo {
     fn steps(&self) -> Vec<Step> {
-        let b = self
-            .config
-            .primary
-            .bucket
-            .clone()
-            .unwrap_or_else(|| "media".into());
+        let b = self.config.primary.bucket.clone().unwrap_or_else(|| "media".into());
         let [old, young, never] = SAMPLES.map(|(k, _, _)| format!("/{b}/{k}"));
         let step = |what, user, xff, method, path: &str| Step {
             what,
@@ -171,20 +133,8 @@ impl Demo {
             path: path.to_string(),
         };
         vec![
-            step(
-                "alice (yes): replicated media comes from the replica",
-                Some("alice"),
-                None,
-                "GET",
-                &old,
-            ),
-            step(
-                "alice (yes): media younger than the delay stays on the primary",
-                Some("alice"),
-                None,
-                "GET",
-                &young,
-            ),
+            step("alice (yes): replicated media comes from the replica", Some("alice"), None, "GET", &old),
+            step("alice (yes): media younger than the delay stays on the primary", Some("alice"), None, "GET", &young),
             step(
                 "alice (yes): never replicated: the replica misses, the primary answers",
                 Some("alice"),
@@ -192,49 +142,18 @@ impl Demo {
                 "GET",
                 &never,
             ),
-            step(
-                "bob (auto) inside replication.networks: replica",
-                Some("bob"),
-                Some("10.20.3.4"),
-                "GET",
-                &old,
-            ),
-            step(
-                "bob (auto) outside replication.networks: primary",
-                Some("bob"),
-                Some("198.51.100.7"),
-                "GET",
-                &old,
-            ),
-            step(
-                "carol (no): always the primary",
-                Some("carol"),
-                None,
-                "GET",
-                &old,
-            ),
+            step("bob (auto) inside replication.networks: replica", Some("bob"), Some("10.20.3.4"), "GET", &old),
+            step("bob (auto) outside replication.networks: primary", Some("bob"), Some("198.51.100.7"), "GET", &old),
+            step("carol (no): always the primary", Some("carol"), None, "GET", &old),
             step("anonymous: default_mode", None, None, "GET", &old),
-            step(
-                "uploads always go to the primary",
-                Some("alice"),
-                None,
-                "PUT",
-                &format!("/{b}/uploads/new.mov"),
-            ),
-            step(
-                "another bucket is refused",
-                Some("alice"),
-                None,
-                "GET",
-                "/other-bucket/file.mov",
-            ),
+            step("uploads always go to the primary", Some("alice"), None, "PUT", &format!("/{b}/uploads/new.mov")),
+            step("another bucket is refused", Some("alice"), None, "GET", "/other-bucket/file.mov"),
         ]
     }
 
     /// The tour as curl lines, with what the proxy answered to each.
     pub async fn tour(&self) -> String {
-        let client: Client<_, Empty<bytes::Bytes>> =
-            Client::builder(TokioExecutor::new()).build_http();
+        let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let base = format!("http://{}", self.proxy.addr);
         let mut out = String::new();
         for s in self.steps() {
@@ -261,9 +180,7 @@ impl Demo {
         base: &str,
         s: &Step,
     ) -> String {
-        let mut req = http::Request::builder()
-            .method(s.method)
-            .uri(format!("{base}{}", s.path));
+        let mut req = http::Request::builder().method(s.method).uri(format!("{base}{}", s.path));
         if let Some(u) = s.user {
             req = req.header("x-forwarded-user", u);
         }
@@ -276,26 +193,11 @@ impl Demo {
         match client.request(req).await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
-                let h = |n: &str| {
-                    resp.headers()
-                        .get(n)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-")
-                        .to_string()
-                };
+                let h = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
                 let (up, why) = (h("x-mediaroute-upstream"), h("x-mediaroute-reason"));
-                let body = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
+                let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                 let text = String::from_utf8_lossy(&body);
-                let first = text
-                    .lines()
-                    .find(|l| !l.starts_with("<?xml"))
-                    .unwrap_or("")
-                    .trim();
+                let first = text.lines().find(|l| !l.starts_with("<?xml")).unwrap_or("").trim();
                 format!("{status} from {up} (reason {why}) {first}")
             }
             Err(e) => format!("failed: {e}"),

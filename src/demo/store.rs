@@ -41,19 +41,12 @@ pub struct Store {
 impl Store {
     /// An empty store.
     pub fn new(name: &str) -> Arc<Store> {
-        Arc::new(Store {
-            name: name.to_string(),
-            objects: RwLock::new(HashMap::new()),
-            hits: AtomicUsize::new(0),
-        })
+        Arc::new(Store { name: name.to_string(), objects: RwLock::new(HashMap::new()), hits: AtomicUsize::new(0) })
     }
 
     /// Adds or replaces an object.
     pub fn put(&self, path: &str, body: impl Into<Bytes>, last_modified: SystemTime) {
-        let obj = Object {
-            body: body.into(),
-            last_modified,
-        };
+        let obj = Object { body: body.into(), last_modified };
         self.write().insert(path.to_string(), obj);
     }
 
@@ -115,9 +108,7 @@ pub async fn serve(addr: SocketAddr, store: Arc<Store>) -> std::io::Result<Store
                     let st = Arc::clone(&st);
                     async move { Ok::<_, Infallible>(handle(&st, req).await) }
                 });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });
@@ -159,28 +150,16 @@ fn read(store: &Store, req: &Request<Incoming>, path: &str) -> Resp {
         (header::ACCEPT_RANGES, "bytes".to_string()),
         (header::CONTENT_TYPE, "application/octet-stream".to_string()),
     ];
-    if req
-        .headers()
-        .get(header::IF_NONE_MATCH)
-        .is_some_and(|v| v.as_bytes() == tag.as_bytes())
-    {
+    if req.headers().get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == tag.as_bytes()) {
         return respond(StatusCode::NOT_MODIFIED, &common, Bytes::new());
     }
     let len = obj.body.len() as u64;
-    let range = req
-        .headers()
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .map(|r| parse_range(r, len));
+    let range = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).map(|r| parse_range(r, len));
     let (status, body, extra) = match range {
         None => (StatusCode::OK, obj.body.clone(), None),
         Some(Some((start, end))) => {
             let part = obj.body.slice(start as usize..=end as usize);
-            (
-                StatusCode::PARTIAL_CONTENT,
-                part,
-                Some(format!("bytes {start}-{end}/{len}")),
-            )
+            (StatusCode::PARTIAL_CONTENT, part, Some(format!("bytes {start}-{end}/{len}")))
         }
         Some(None) => {
             let mut r = error(StatusCode::RANGE_NOT_SATISFIABLE, "InvalidRange", path);
@@ -190,15 +169,7 @@ fn read(store: &Store, req: &Request<Incoming>, path: &str) -> Resp {
             return r;
         }
     };
-    let mut resp = respond(
-        status,
-        &common,
-        if req.method() == Method::HEAD {
-            Bytes::new()
-        } else {
-            body.clone()
-        },
-    );
+    let mut resp = respond(status, &common, if req.method() == Method::HEAD { Bytes::new() } else { body.clone() });
     if let Some(cr) = extra.and_then(|c| c.parse().ok()) {
         resp.headers_mut().insert(header::CONTENT_RANGE, cr);
     }
@@ -218,10 +189,7 @@ fn parse_range(spec: &str, len: u64) -> Option<(u64, u64)> {
             (len.checked_sub(n.min(len))?, len.checked_sub(1)?)
         }
         (a, "") => (a.parse().ok()?, len.checked_sub(1)?),
-        (a, b) => (
-            a.parse().ok()?,
-            b.parse::<u64>().ok()?.min(len.checked_sub(1)?),
-        ),
+        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.min(len.checked_sub(1)?)),
     };
     (start <= end && start < len).then_some((start, end))
 }
@@ -250,11 +218,7 @@ fn error(status: StatusCode, code: &str, path: &str) -> Resp {
     let body = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Resource>{path}</Resource></Error>\n"
     );
-    respond(
-        status,
-        &[(header::CONTENT_TYPE, "application/xml".to_string())],
-        Bytes::from(body),
-    )
+    respond(status, &[(header::CONTENT_TYPE, "application/xml".to_string())], Bytes::from(body))
 }
 
 #[cfg(test)]

@@ -37,14 +37,10 @@ erin = "yes"
 fn table_with(line: &str, replacement: &str) -> RoutingTable {
     assert!(BASE.contains(line));
     let src = BASE.replace(line, replacement);
-    let cfg = config::parse(
-        Path::new("/etc/mediaroute/mediaroute.toml"),
-        &src,
-        &|p: &Path| {
-            assert_eq!(p, Path::new("/etc/mediaroute/users.toml"));
-            Ok(USERS_FILE.to_string())
-        },
-    )
+    let cfg = config::parse(Path::new("/etc/mediaroute/mediaroute.toml"), &src, &|p: &Path| {
+        assert_eq!(p, Path::new("/etc/mediaroute/users.toml"));
+        Ok(USERS_FILE.to_string())
+    })
     .unwrap();
     RoutingTable::build(&cfg, 1)
 }
@@ -54,17 +50,10 @@ fn table() -> RoutingTable {
 }
 
 fn ctx(user: Option<&str>, ip: &str) -> ClientContext {
-    ClientContext {
-        ip: ip.parse().unwrap(),
-        user: user.map(Box::from),
-    }
+    ClientContext { ip: ip.parse().unwrap(), user: user.map(Box::from) }
 }
 
-const GET: RequestFacts = RequestFacts {
-    read: true,
-    object: true,
-    replica_down: false,
-};
+const GET: RequestFacts = RequestFacts { read: true, object: true, replica_down: false };
 const OLD: Age = Age::Known(Duration::from_secs(3600));
 const INSIDE: &str = "10.20.1.2";
 const OUTSIDE: &str = "192.0.2.1";
@@ -78,10 +67,7 @@ fn rule1_writes_go_to_the_primary() {
 
 #[test]
 fn rule2_not_an_object() {
-    let facts = RequestFacts {
-        object: false,
-        ..GET
-    };
+    let facts = RequestFacts { object: false, ..GET };
     let got = decide(&table(), &ctx(Some("alice"), INSIDE), &facts, OLD);
     assert_eq!(got, (Upstream::Primary, Reason::NotObject));
 }
@@ -95,20 +81,11 @@ fn rule3_mode_no() {
 #[test]
 fn rule3_unknown_and_anonymous_users_get_default_mode() {
     let t = table();
-    assert_eq!(
-        decide(&t, &ctx(Some("zed"), INSIDE), &GET, OLD).1,
-        Reason::ModeNo
-    );
+    assert_eq!(decide(&t, &ctx(Some("zed"), INSIDE), &GET, OLD).1, Reason::ModeNo);
     assert_eq!(decide(&t, &ctx(None, INSIDE), &GET, OLD).1, Reason::ModeNo);
     let yes = table_with("default_mode = \"no\"", "default_mode = \"yes\"");
-    assert_eq!(
-        decide(&yes, &ctx(None, OUTSIDE), &GET, OLD),
-        (Upstream::Replica, Reason::Replica)
-    );
-    assert_eq!(
-        decide(&yes, &ctx(Some("zed"), OUTSIDE), &GET, OLD),
-        (Upstream::Replica, Reason::Replica)
-    );
+    assert_eq!(decide(&yes, &ctx(None, OUTSIDE), &GET, OLD), (Upstream::Replica, Reason::Replica));
+    assert_eq!(decide(&yes, &ctx(Some("zed"), OUTSIDE), &GET, OLD), (Upstream::Replica, Reason::Replica));
 }
 
 #[test]
@@ -121,24 +98,14 @@ fn rule4_auto_outside_networks() {
 fn rule4_auto_inside_networks_ipv6_and_mapped() {
     let t = table();
     for ip in [INSIDE, "2001:db8::7", "::ffff:10.20.9.9"] {
-        assert_eq!(
-            decide(&t, &ctx(Some("bob"), ip), &GET, OLD),
-            (Upstream::Replica, Reason::Replica),
-            "{ip}"
-        );
+        assert_eq!(decide(&t, &ctx(Some("bob"), ip), &GET, OLD), (Upstream::Replica, Reason::Replica), "{ip}");
     }
-    assert_eq!(
-        decide(&t, &ctx(Some("bob"), "::ffff:10.21.0.1"), &GET, OLD).1,
-        Reason::OutsideNetworks
-    );
+    assert_eq!(decide(&t, &ctx(Some("bob"), "::ffff:10.21.0.1"), &GET, OLD).1, Reason::OutsideNetworks);
 }
 
 #[test]
 fn rule5_replica_down() {
-    let facts = RequestFacts {
-        replica_down: true,
-        ..GET
-    };
+    let facts = RequestFacts { replica_down: true, ..GET };
     let got = decide(&table(), &ctx(Some("alice"), INSIDE), &facts, OLD);
     assert_eq!(got, (Upstream::Primary, Reason::ReplicaDown));
 }
@@ -147,31 +114,19 @@ fn rule5_replica_down() {
 fn rule6_too_young() {
     let young = Age::Known(Duration::from_secs(60));
     let t = table();
-    assert_eq!(
-        decide(&t, &ctx(Some("alice"), INSIDE), &GET, young),
-        (Upstream::Primary, Reason::TooYoung)
-    );
+    assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, young), (Upstream::Primary, Reason::TooYoung));
     // Exactly `delay` old is old enough.
     let edge = Age::Known(Duration::from_secs(900));
-    assert_eq!(
-        decide(&t, &ctx(Some("alice"), INSIDE), &GET, edge).1,
-        Reason::Replica
-    );
+    assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, edge).1, Reason::Replica);
     // Missing on the primary: the replica cannot have it yet.
-    assert_eq!(
-        decide(&t, &ctx(Some("alice"), INSIDE), &GET, Age::Missing).1,
-        Reason::TooYoung
-    );
+    assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, Age::Missing).1, Reason::TooYoung);
 }
 
 #[test]
 fn rule7_age_unknown() {
     let t = table();
     for age in [Age::Unknown, Age::NotProbed] {
-        assert_eq!(
-            decide(&t, &ctx(Some("alice"), INSIDE), &GET, age),
-            (Upstream::Primary, Reason::AgeUnknown)
-        );
+        assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, age), (Upstream::Primary, Reason::AgeUnknown));
     }
 }
 
@@ -186,10 +141,7 @@ fn zero_delay_needs_no_age() {
     let t = table_with("delay = \"15m\"", "delay = \"0s\"");
     let c = ctx(Some("alice"), INSIDE);
     assert!(!needs_age(&t, &c, &GET));
-    assert_eq!(
-        decide(&t, &c, &GET, Age::NotProbed),
-        (Upstream::Replica, Reason::Replica)
-    );
+    assert_eq!(decide(&t, &c, &GET, Age::NotProbed), (Upstream::Replica, Reason::Replica));
 }
 
 #[test]
@@ -198,61 +150,28 @@ fn age_is_only_needed_when_rules_1_to_5_pass() {
     assert!(needs_age(&t, &ctx(Some("alice"), INSIDE), &GET));
     assert!(!needs_age(&t, &ctx(Some("carol"), INSIDE), &GET));
     assert!(!needs_age(&t, &ctx(Some("bob"), OUTSIDE), &GET));
-    assert!(!needs_age(
-        &t,
-        &ctx(Some("alice"), INSIDE),
-        &RequestFacts { read: false, ..GET }
-    ));
+    assert!(!needs_age(&t, &ctx(Some("alice"), INSIDE), &RequestFacts { read: false, ..GET }));
 }
 
 #[test]
 fn rules_apply_in_order() {
     // A write from a `no` user outside the networks is a write first.
-    let facts = RequestFacts {
-        read: false,
-        object: false,
-        replica_down: true,
-    };
-    assert_eq!(
-        decide(&table(), &ctx(Some("bob"), OUTSIDE), &facts, Age::Unknown).1,
-        Reason::Write
-    );
-    let facts = RequestFacts {
-        object: false,
-        replica_down: true,
-        ..GET
-    };
-    assert_eq!(
-        decide(&table(), &ctx(Some("carol"), OUTSIDE), &facts, Age::Unknown).1,
-        Reason::NotObject
-    );
-    let facts = RequestFacts {
-        replica_down: true,
-        ..GET
-    };
-    assert_eq!(
-        decide(&table(), &ctx(Some("bob"), OUTSIDE), &facts, Age::Unknown).1,
-        Reason::OutsideNetworks
-    );
-    assert_eq!(
-        decide(&table(), &ctx(Some("alice"), OUTSIDE), &facts, Age::Unknown).1,
-        Reason::ReplicaDown
-    );
+    let facts = RequestFacts { read: false, object: false, replica_down: true };
+    assert_eq!(decide(&table(), &ctx(Some("bob"), OUTSIDE), &facts, Age::Unknown).1, Reason::Write);
+    let facts = RequestFacts { object: false, replica_down: true, ..GET };
+    assert_eq!(decide(&table(), &ctx(Some("carol"), OUTSIDE), &facts, Age::Unknown).1, Reason::NotObject);
+    let facts = RequestFacts { replica_down: true, ..GET };
+    assert_eq!(decide(&table(), &ctx(Some("bob"), OUTSIDE), &facts, Age::Unknown).1, Reason::OutsideNetworks);
+    assert_eq!(decide(&table(), &ctx(Some("alice"), OUTSIDE), &facts, Age::Unknown).1, Reason::ReplicaDown);
 }
 
 #[test]
 fn users_section_wins_over_users_file() {
     let t = table();
     // dave is "yes" in [users] and "no" in the users file.
-    assert_eq!(
-        decide(&t, &ctx(Some("dave"), OUTSIDE), &GET, OLD).1,
-        Reason::Replica
-    );
+    assert_eq!(decide(&t, &ctx(Some("dave"), OUTSIDE), &GET, OLD).1, Reason::Replica);
     // erin is only in the users file.
-    assert_eq!(
-        decide(&t, &ctx(Some("erin"), OUTSIDE), &GET, OLD).1,
-        Reason::Replica
-    );
+    assert_eq!(decide(&t, &ctx(Some("erin"), OUTSIDE), &GET, OLD).1, Reason::Replica);
 }
 
 #[test]

@@ -35,12 +35,7 @@ pub fn obj(key: &str) -> String {
 
 /// The config every test starts from; `extra` is appended to `[replication]`
 /// and `tail` after the `[users]` table.
-pub fn config_text(
-    primary: SocketAddr,
-    replica: SocketAddr,
-    replication: &str,
-    tail: &str,
-) -> String {
+pub fn config_text(primary: SocketAddr, replica: SocketAddr, replication: &str, tail: &str) -> String {
     format!(
         r#"
 [listen]
@@ -70,8 +65,7 @@ carol = "no"
 
 /// Starts the proxy in-process on a config text.
 pub async fn start_proxy(text: &str) -> Running {
-    let cfg = config::parse(Path::new("test.toml"), text, &|_| Ok(String::new()))
-        .expect("test config is valid");
+    let cfg = config::parse(Path::new("test.toml"), text, &|_| Ok(String::new())).expect("test config is valid");
     server::start(cfg).await.expect("proxy starts")
 }
 
@@ -91,32 +85,19 @@ impl Setup {
 
     /// Like `new`, with extra config tables after `[users]`.
     pub async fn with_tail(replication: &str, tail: &str) -> Setup {
-        let primary = store::serve(loopback0(), Store::new("primary"))
-            .await
-            .unwrap();
-        let replica = store::serve(loopback0(), Store::new("replica"))
-            .await
-            .unwrap();
+        let primary = store::serve(loopback0(), Store::new("primary")).await.unwrap();
+        let replica = store::serve(loopback0(), Store::new("replica")).await.unwrap();
         let proxy = start_proxy(&config_text(primary.addr, replica.addr, replication, tail)).await;
-        Setup {
-            primary,
-            replica,
-            proxy,
-            client: client(),
-        }
+        Setup { primary, replica, proxy, client: client() }
     }
 
     /// Puts `key` on the primary (and on the replica if `replicated`), `age` old,
     /// with bodies that say where they came from.
     pub fn media(&self, key: &str, replicated: bool, age: Duration) {
         let at = SystemTime::now() - age;
-        self.primary
-            .store
-            .put(&format!("/{PB}/{key}"), format!("primary:{key}"), at);
+        self.primary.store.put(&format!("/{PB}/{key}"), format!("primary:{key}"), at);
         if replicated {
-            self.replica
-                .store
-                .put(&format!("/{RB}/{key}"), format!("replica:{key}"), at);
+            self.replica.store.put(&format!("/{RB}/{key}"), format!("replica:{key}"), at);
         }
     }
 
@@ -151,22 +132,10 @@ impl Answer {
     pub async fn from(resp: reqwest::Response) -> Answer {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let h = |n: &str| {
-            headers
-                .get(n)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string()
-        };
+        let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let (upstream, reason) = (h("x-mediaroute-upstream"), h("x-mediaroute-reason"));
         let body = resp.text().await.unwrap_or_default();
-        Answer {
-            status,
-            upstream,
-            reason,
-            headers,
-            body,
-        }
+        Answer { status, upstream, reason, headers, body }
     }
 }
 
@@ -226,9 +195,7 @@ where
                     let fut = handler(req);
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });
@@ -252,12 +219,7 @@ pub async fn echo_server() -> TestServer {
         for (k, v) in req.headers() {
             s.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
         }
-        let body = req
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes().len())
-            .unwrap_or(0);
+        let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
         s.push_str(&format!("body-bytes: {body}\n"));
         Response::new(full(s))
     })
@@ -286,10 +248,7 @@ pub fn pattern_body(len: u64, alive: Arc<AtomicUsize>) -> TestBody {
         }
         let n = CHUNK.min(len - off);
         let chunk: Vec<u8> = (off..off + n).map(pattern_byte).collect();
-        Some((
-            Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))),
-            (off + n, live),
-        ))
+        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))), (off + n, live)))
     });
     StreamBody::new(stream).boxed()
 }
@@ -323,25 +282,15 @@ impl ProxyProcess {
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = Arc::clone(&log);
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(addr) = line.split("listening addr=").nth(1) {
                     let _ = tx.send(addr.trim().to_string());
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("proxy reports its address");
-        ProxyProcess {
-            child,
-            addr: addr.parse().unwrap(),
-            log,
-            _dir: dir,
-        }
+        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("proxy reports its address");
+        ProxyProcess { child, addr: addr.parse().unwrap(), log, _dir: dir }
     }
 
     /// Peak resident memory of the process so far, in bytes (Linux `VmHWM`).
