@@ -29,13 +29,7 @@ async fn replica_403_and_5xx_fall_back() {
         let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
         primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
         let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"15m\"", "")).await;
-        let resp = client()
-            .get(format!("http://{}{}", proxy.addr, obj("a.mov")))
-            .header("x-forwarded-user", "alice")
-            .send()
-            .await
-            .unwrap();
-        let a = Answer::from(resp).await;
+        let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
         assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "fallback", "primary"), "replica {status}");
         assert_eq!(replica.hits.load(Ordering::SeqCst), 1);
     }
@@ -47,13 +41,7 @@ async fn replica_connect_failure_falls_back() {
     primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
     let dead = closed_port().await;
     let proxy = start_proxy(&config_text(primary.addr, dead, "delay = \"15m\"", "")).await;
-    let resp = client()
-        .get(format!("http://{}{}", proxy.addr, obj("a.mov")))
-        .header("x-forwarded-user", "alice")
-        .send()
-        .await
-        .unwrap();
-    let a = Answer::from(resp).await;
+    let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
     assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "fallback", "primary"));
 }
 
@@ -79,15 +67,10 @@ async fn without_fallback_an_unreachable_replica_is_a_502() {
     let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
     let dead = closed_port().await;
     let proxy = start_proxy(&config_text(primary.addr, dead, "delay = \"0s\"\nfallback = false", "")).await;
-    let resp = client()
-        .get(format!("http://{}{}", proxy.addr, obj("a.mov")))
-        .header("x-forwarded-user", "alice")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 502);
-    assert_eq!(resp.headers()["content-type"], "application/xml");
-    assert!(resp.text().await.unwrap().contains("<Code>BadGateway</Code>"));
+    let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
+    assert_eq!(a.status, 502);
+    assert_eq!(a.headers["content-type"], "application/xml");
+    assert!(a.body.contains("<Code>BadGateway</Code>"), "{}", a.body);
 }
 
 #[tokio::test]
@@ -108,15 +91,8 @@ async fn a_dead_replica_is_marked_down_and_comes_back_by_itself() {
     let replica_addr = closed_port().await;
     let tail = "[health]\nfall = 3\nretry_interval = \"100ms\"";
     let proxy = start_proxy(&config_text(primary.addr, replica_addr, "delay = \"15m\"", tail)).await;
-    let get = || async {
-        let resp = client()
-            .get(format!("http://{}{}", proxy.addr, obj("a.mov")))
-            .header("x-forwarded-user", "alice")
-            .send()
-            .await
-            .unwrap();
-        Answer::from(resp).await
-    };
+    let path = obj("a.mov");
+    let get = || get_via(proxy.addr, &path, "alice");
     for _ in 0..3 {
         assert_eq!(get().await.reason, "fallback");
     }

@@ -121,13 +121,7 @@ async fn rule7_age_unknown_when_the_probe_times_out() {
     let text = config_text(primary.addr, replica.addr, "delay = \"15m\"", "[limits]\nage_probe_timeout = \"200ms\"");
     let proxy = start_proxy(&text).await;
     let started = std::time::Instant::now();
-    let resp = client()
-        .get(format!("http://{}{}", proxy.addr, obj("a.mov")))
-        .header("x-forwarded-user", "alice")
-        .send()
-        .await
-        .unwrap();
-    let a = Answer::from(resp).await;
+    let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
     assert_eq!((a.upstream.as_str(), a.reason.as_str(), a.body.as_str()), ("primary", "age-unknown", "primary"));
     assert!(started.elapsed() < Duration::from_secs(4), "the probe timeout bounds the wait");
     assert_eq!(replica.hits.load(std::sync::atomic::Ordering::SeqCst), 0);

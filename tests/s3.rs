@@ -76,11 +76,6 @@ async fn setup(replication: &str) -> (S3, S3, mediaroute::server::Running) {
     (primary, replica, proxy)
 }
 
-async fn get(proxy: SocketAddr, path: &str, user: &str) -> Answer {
-    Answer::from(client().get(format!("http://{proxy}{path}")).header("x-forwarded-user", user).send().await.unwrap())
-        .await
-}
-
 #[tokio::test]
 async fn ages_come_from_last_modified() {
     let (primary, replica, proxy) = setup("delay = \"15m\"").await;
@@ -95,13 +90,13 @@ async fn ages_come_from_last_modified() {
     assert_eq!(put.status(), 200);
     assert_eq!(put.headers()["x-mediaroute-reason"], "write");
     assert!(primary.has("new.mov") && !replica.has("new.mov"));
-    let a = get(proxy.addr, &obj("new.mov"), "alice").await;
+    let a = get_via(proxy.addr, &obj("new.mov"), "alice").await;
     assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "too-young", "fresh"));
 
     // An hour old and replicated: the replica serves it.
     primary.put_aged("shots/old.mov", "from primary", Duration::from_secs(3600));
     replica.put_aged("shots/old.mov", "from replica", Duration::from_secs(3600));
-    let a = get(proxy.addr, &obj("shots/old.mov"), "alice").await;
+    let a = get_via(proxy.addr, &obj("shots/old.mov"), "alice").await;
     assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "replica", "from replica"));
     assert!(a.headers.contains_key("last-modified"));
 }
@@ -110,10 +105,10 @@ async fn ages_come_from_last_modified() {
 async fn no_such_key_on_the_replica_falls_back() {
     let (primary, _replica, proxy) = setup("delay = \"15m\"").await;
     primary.put_aged("legacy/pilot.mov", "only on the primary", Duration::from_secs(400 * 86_400));
-    let a = get(proxy.addr, &obj("legacy/pilot.mov"), "alice").await;
+    let a = get_via(proxy.addr, &obj("legacy/pilot.mov"), "alice").await;
     assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "fallback", "only on the primary"));
     // Missing everywhere: the primary's NoSuchKey reaches the client.
-    let a = get(proxy.addr, &obj("legacy/none.mov"), "alice").await;
+    let a = get_via(proxy.addr, &obj("legacy/none.mov"), "alice").await;
     assert_eq!(a.status, 404);
     assert!(a.body.contains("<Code>NoSuchKey</Code>"), "{}", a.body);
 }
@@ -194,6 +189,6 @@ async fn multipart_upload_reaches_only_the_primary() {
     assert!(!replica.has("renders/final.exr"));
 
     // Listing the parts of an upload is a sub-resource read: primary.
-    let a = get(proxy.addr, &format!("{}?uploadId=x", obj("renders/final.exr")), "alice").await;
+    let a = get_via(proxy.addr, &format!("{}?uploadId=x", obj("renders/final.exr")), "alice").await;
     assert_eq!(a.reason, "not-object");
 }

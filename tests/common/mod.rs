@@ -312,3 +312,9 @@ impl Drop for ProxyProcess {
         let _ = self.child.wait();
     }
 }
+
+/// GET `path` through the proxy at `proxy` as `user`.
+pub async fn get_via(proxy: SocketAddr, path: &str, user: &str) -> Answer {
+    let resp = client().get(format!("http://{proxy}{path}")).header("x-forwarded-user", user).send().await.unwrap();
+    Answer::from(resp).await
+}
