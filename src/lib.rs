@@ -11,6 +11,7 @@ pub mod duration;
 pub mod error;
 pub mod explain;
 pub mod headers;
+pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod route;

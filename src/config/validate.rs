@@ -1,0 +1,460 @@
+//! Checking raw values: every mistake is collected with its file, line, column and key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use toml::Spanned;
+
+use super::raw::*;
+use super::*;
+use crate::duration::parse_duration;
+
+pub(super) fn serde_error(file: &Path, src: &str, e: &toml::de::Error) -> ConfigError {
+    let (pos, key) = match e.span() {
+        Some(span) => {
+            let pos = line_col(src, span.start);
+            (Some(pos), key_at(src, pos.0))
+        }
+        None => (None, None),
+    };
+    ConfigError { file: file.to_path_buf(), pos, key, message: e.message().trim().to_string() }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = src.get(..offset).unwrap_or(src);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, col)
+}
+
+/// The dotted key on a 1-based line: the nearest `[table]` header above plus the key.
+fn key_at(src: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = src.lines().collect();
+    let here = lines.get(line.checked_sub(1)?)?.trim();
+    let table = lines
+        .get(..line.saturating_sub(1))?
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    if here.starts_with('[') {
+        return Some(here.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    }
+    let key = here.split('=').next()?.trim().trim_matches('"');
+    if key.is_empty() || here.starts_with('#') {
+        return table;
+    }
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_string(),
+    })
+}
+
+pub(super) struct Validator<'a> {
+    pub(super) file: &'a Path,
+    pub(super) src: &'a str,
+    pub(super) errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn err_at(&mut self, span: std::ops::Range<usize>, key: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            pos: Some(line_col(self.src, span.start)),
+            key: Some(key.to_string()),
+            message: message.into(),
+        });
+    }
+
+    fn err_nowhere(&mut self, key: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            pos: None,
+            key: Some(key.to_string()),
+            message: message.into(),
+        });
+    }
+
+    pub(super) fn config(&mut self, raw: RawConfig, read_users: &dyn Fn(&Path) -> std::io::Result<String>) -> Option<Config> {
+        let listen = self.listen(raw.listen);
+        let identity = self.identity(raw.identity);
+        let primary = self.upstream(raw.primary, "primary");
+        let replica = self.upstream(raw.replica, "replica");
+        self.buckets(&primary, &replica);
+        let users_file = raw.replication.users_file.as_ref().map(|f| {
+            let base = self.file.parent().unwrap_or(Path::new("."));
+            base.join(f.get_ref())
+        });
+        let replication = self.replication(raw.replication, users_file.clone());
+        let mut users = BTreeMap::new();
+        let mut overridden_users = Vec::new();
+        if let Some(file) = &users_file {
+            users = self.users_file(file, read_users);
+        }
+        for (name, mode) in &raw.users {
+            if let Some(m) = self.mode(mode, &format!("users.{}", quote_key(name)))
+                && users.insert(name.clone(), m).is_some()
+            {
+                overridden_users.push(name.clone());
+            }
+        }
+        let limits = self.limits(raw.limits);
+        let health = self.health(raw.health);
+        let log = self.log(raw.log);
+        Some(Config {
+            path: self.file.to_path_buf(),
+            listen: listen?,
+            identity: identity?,
+            primary: primary?.0,
+            replica: replica?.0,
+            replication: replication?,
+            users,
+            overridden_users,
+            limits: limits?,
+            health: health?,
+            log: log?,
+        })
+    }
+
+    fn socket_addr(&mut self, s: &S, key: &str) -> Option<SocketAddr> {
+        match s.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err_at(
+                    s.span(),
+                    key,
+                    format!("{:?} is not an address with a port (e.g. \"0.0.0.0:8080\" or \"[::]:8080\")", s.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
+    fn listen(&mut self, raw: RawListen) -> Option<Listen> {
+        for (opt, key) in
+            [(&raw.tls_addr, "listen.tls_addr"), (&raw.tls_cert, "listen.tls_cert"), (&raw.tls_key, "listen.tls_key")]
+        {
+            if let Some(s) = opt {
+                self.err_at(
+                    s.span(),
+                    key,
+                    "the TLS listener is not available in this version; terminate TLS in front of mediaroute",
+                );
+            }
+        }
+        if let Some(pp) = raw.proxy_protocol.as_ref().filter(|p| *p.get_ref()) {
+            self.err_at(pp.span(), "listen.proxy_protocol", "PROXY protocol is not available in this version");
+        }
+        let addr = match &raw.addr {
+            Some(s) => self.socket_addr(s, "listen.addr"),
+            None => {
+                self.err_nowhere("listen.addr", "missing: the address to serve on");
+                None
+            }
+        };
+        let admin_addr = match &raw.admin_addr {
+            Some(s) => Some(self.socket_addr(s, "listen.admin_addr")?),
+            None => None,
+        };
+        Some(Listen { addr: addr?, admin_addr })
+    }
+
+    fn identity(&mut self, raw: RawIdentity) -> Option<Identity> {
+        let mut ok = true;
+        let user_header = match &raw.user_header {
+            Some(s) if http::HeaderName::from_bytes(s.get_ref().as_bytes()).is_err() => {
+                self.err_at(s.span(), "identity.user_header", format!("{:?} is not a valid header name", s.get_ref()));
+                ok = false;
+                None
+            }
+            Some(s) if s.get_ref().is_empty() => None,
+            Some(s) => Some(s.get_ref().to_ascii_lowercase()),
+            None => Some("x-forwarded-user".to_string()),
+        };
+        let user_query = match &raw.user_query {
+            Some(s) if s.get_ref().is_empty() || s.get_ref().contains(['&', '=', '#', ' ']) => {
+                self.err_at(
+                    s.span(),
+                    "identity.user_query",
+                    format!("{:?} is not a usable query parameter name", s.get_ref()),
+                );
+                ok = false;
+                None
+            }
+            Some(s) => Some(s.get_ref().clone()),
+            None => None,
+        };
+        let trusted_proxies = self.cidrs(&raw.trusted_proxies, "identity.trusted_proxies")?;
+        ok.then_some(Identity { user_header, user_query, trusted_proxies })
+    }
+
+    fn cidrs(&mut self, list: &[S], key: &str) -> Option<Vec<IpNet>> {
+        let mut out = Vec::with_capacity(list.len());
+        let mut ok = true;
+        for (i, s) in list.iter().enumerate() {
+            match parse_cidr(s.get_ref()) {
+                Some(net) => out.push(net),
+                None => {
+                    ok = false;
+                    self.err_at(
+                        s.span(),
+                        &format!("{key}[{i}]"),
+                        format!(
+                            "{:?} is not an IP range (e.g. \"10.20.0.0/16\", \"2001:db8::/32\" or a single address)",
+                            s.get_ref()
+                        ),
+                    );
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn upstream(&mut self, raw: RawUpstream, name: &str) -> Option<(UpstreamConfig, Option<S>)> {
+        let url = self.url(&raw.url, &format!("{name}.url"));
+        let mut ok = true;
+        if let Some(b) = &raw.bucket
+            && !valid_bucket(b.get_ref())
+        {
+            ok = false;
+            self.err_at(
+                b.span(),
+                &format!("{name}.bucket"),
+                format!("{:?} is not a valid S3 bucket name (3-63 characters: a-z, 0-9, '.', '-')", b.get_ref()),
+            );
+        }
+        let auth = match &raw.auth {
+            None => Some(Auth::Pass),
+            Some(s) if s.get_ref() == "pass" => Some(Auth::Pass),
+            Some(s) if s.get_ref() == "sigv4" => {
+                self.err_at(
+                    s.span(),
+                    &format!("{name}.auth"),
+                    "request signing (\"sigv4\") is not available in this version; use \"pass\"",
+                );
+                None
+            }
+            Some(s) => {
+                self.err_at(
+                    s.span(),
+                    &format!("{name}.auth"),
+                    format!("{:?} is not an auth mode: expected \"pass\" or \"sigv4\"", s.get_ref()),
+                );
+                None
+            }
+        };
+        for (opt, key) in [(&raw.credentials_file, "credentials_file"), (&raw.profile, "profile")] {
+            if let Some(s) = opt {
+                ok = false;
+                self.err_at(
+                    s.span(),
+                    &format!("{name}.{key}"),
+                    "only used with auth = \"sigv4\", which is not available in this version",
+                );
+            }
+        }
+        let cfg = UpstreamConfig {
+            url: url?,
+            bucket: raw.bucket.as_ref().map(|b| b.get_ref().clone()),
+            region: raw.region.map(Spanned::into_inner),
+            auth: auth?,
+        };
+        ok.then_some((cfg, raw.bucket))
+    }
+
+    fn url(&mut self, s: &S, key: &str) -> Option<http::Uri> {
+        let text = s.get_ref();
+        let problem = match text.parse::<http::Uri>() {
+            Err(_) => Some("is not a URL".to_string()),
+            Ok(u) => match (u.scheme_str(), u.authority()) {
+                (Some("http" | "https"), Some(a)) if a.as_str().contains('@') => {
+                    Some("must not carry user info".to_string())
+                }
+                (Some("http" | "https"), Some(_)) if u.path() != "/" || u.query().is_some() => {
+                    Some("must be scheme and host only, without a path or query".to_string())
+                }
+                (Some("http" | "https"), Some(_)) => return Some(u),
+                (Some(other), _) => Some(format!("has scheme {other:?}: only http and https are supported")),
+                (None, _) => Some("needs a scheme: http:// or https://".to_string()),
+            },
+        };
+        if let Some(p) = problem {
+            self.err_at(s.span(), key, format!("{text:?} {p}"));
+        }
+        None
+    }
+
+    /// Bucket mapping needs both buckets or neither.
+    fn buckets(
+        &mut self,
+        primary: &Option<(UpstreamConfig, Option<S>)>,
+        replica: &Option<(UpstreamConfig, Option<S>)>,
+    ) {
+        let (Some((_, pb)), Some((_, rb))) = (primary, replica) else {
+            return;
+        };
+        match (pb, rb) {
+            (Some(b), None) => {
+                self.err_at(b.span(), "primary.bucket", "set on the primary only: set replica.bucket too, or neither")
+            }
+            (None, Some(b)) => {
+                self.err_at(b.span(), "replica.bucket", "set on the replica only: set primary.bucket too, or neither")
+            }
+            _ => {}
+        }
+    }
+
+    fn mode(&mut self, s: &S, key: &str) -> Option<Mode> {
+        let m = Mode::parse(s.get_ref());
+        if m.is_none() {
+            self.err_at(
+                s.span(),
+                key,
+                format!("{:?} is not a mode: expected \"no\", \"yes\" or \"auto\"", s.get_ref()),
+            );
+        }
+        m
+    }
+
+    fn duration(&mut self, s: &Option<S>, key: &str, default: Duration) -> Option<Duration> {
+        let Some(s) = s else { return Some(default) };
+        let d = parse_duration(s.get_ref());
+        if d.is_none() {
+            self.err_at(
+                s.span(),
+                key,
+                format!("{:?} is not a duration (e.g. \"15m\", \"30s\", \"250ms\", \"1h\")", s.get_ref()),
+            );
+        }
+        d
+    }
+
+    fn replication(&mut self, raw: RawReplication, users_file: Option<PathBuf>) -> Option<Replication> {
+        let default_mode = match &raw.default_mode {
+            Some(s) => self.mode(s, "replication.default_mode"),
+            None => Some(Mode::No),
+        };
+        let networks = self.cidrs(&raw.networks, "replication.networks");
+        let delay = self.duration(&raw.delay, "replication.delay", Duration::from_secs(15 * 60));
+        if raw.sign_anonymous.is_some() {
+            self.err_nowhere(
+                "replication.sign_anonymous",
+                "only used with auth = \"sigv4\", which is not available in this version",
+            );
+        }
+        Some(Replication {
+            default_mode: default_mode?,
+            networks: networks?,
+            delay: delay?,
+            fallback: raw.fallback.unwrap_or(true),
+            users_file,
+        })
+    }
+
+    /// Reads the users file: top-level `name = "mode"` pairs, errors located in that file.
+    fn users_file(&mut self, file: &Path, read: &dyn Fn(&Path) -> std::io::Result<String>) -> BTreeMap<String, Mode> {
+        let mut users = BTreeMap::new();
+        let src = match read(file) {
+            Ok(s) => s,
+            Err(e) => {
+                self.err_nowhere("replication.users_file", format!("cannot read {}: {e}", file.display()));
+                return users;
+            }
+        };
+        let raw: BTreeMap<String, S> = match toml::from_str(&src) {
+            Ok(r) => r,
+            Err(e) => {
+                self.errors.push(serde_error(file, &src, &e));
+                return users;
+            }
+        };
+        let mut sub = Validator { file, src: &src, errors: Vec::new() };
+        for (name, mode) in &raw {
+            if let Some(m) = sub.mode(mode, &quote_key(name)) {
+                users.insert(name.clone(), m);
+            }
+        }
+        self.errors.append(&mut sub.errors);
+        users
+    }
+
+    fn limits(&mut self, raw: RawLimits) -> Option<Limits> {
+        let connect =
+            self.duration(&raw.upstream_connect_timeout, "limits.upstream_connect_timeout", Duration::from_secs(3));
+        let probe = self.duration(&raw.age_probe_timeout, "limits.age_probe_timeout", Duration::from_secs(2));
+        let entries = self.positive(&raw.age_cache_entries, "limits.age_cache_entries", 100_000);
+        Some(Limits {
+            upstream_connect_timeout: connect?,
+            age_probe_timeout: probe?,
+            age_cache_entries: entries? as usize,
+        })
+    }
+
+    fn positive(&mut self, v: &Option<Spanned<i64>>, key: &str, default: u32) -> Option<u32> {
+        let Some(v) = v else { return Some(default) };
+        match u32::try_from(*v.get_ref()) {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                self.err_at(v.span(), key, format!("{} is out of range: expected 1 to {}", v.get_ref(), u32::MAX));
+                None
+            }
+        }
+    }
+
+    fn health(&mut self, raw: RawHealth) -> Option<Health> {
+        let fall = self.positive(&raw.fall, "health.fall", 3);
+        let retry = self.duration(&raw.retry_interval, "health.retry_interval", Duration::from_secs(2));
+        Some(Health { fall: fall?, retry_interval: retry? })
+    }
+
+    fn log(&mut self, raw: RawLog) -> Option<Log> {
+        let json = match &raw.format {
+            None => Some(false),
+            Some(s) if s.get_ref() == "text" => Some(false),
+            Some(s) if s.get_ref() == "json" => Some(true),
+            Some(s) => {
+                self.err_at(
+                    s.span(),
+                    "log.format",
+                    format!("{:?} is not a log format: expected \"text\" or \"json\"", s.get_ref()),
+                );
+                None
+            }
+        };
+        let level = raw.level.map_or_else(|| "info".to_string(), Spanned::into_inner);
+        Some(Log { json: json?, level })
+    }
+}
+
+/// Quotes a TOML key when it is not a bare key.
+fn quote_key(name: &str) -> String {
+    if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        name.to_string()
+    } else {
+        format!("{name:?}")
+    }
+}
+
+/// Parses `10.0.0.0/8`, `2001:db8::/32` or a single address (as a /32 or /128).
+pub fn parse_cidr(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Some(net.trunc());
+    }
+    s.parse::<std::net::IpAddr>().ok().map(IpNet::from)
+}
+
+/// S3 bucket naming rules, loosely: 3-63 of a-z, 0-9, '.', '-'.
+fn valid_bucket(b: &str) -> bool {
+    (3..=63).contains(&b.len())
+        && b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
+        && !b.starts_with(['.', '-'])
+        && !b.ends_with(['.', '-'])
+}
