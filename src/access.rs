@@ -1,7 +1,10 @@
 //! The access log: one line per request, written when the response body is done.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
+
+use crate::metrics::Metrics;
 
 use crate::route::Reason;
 use crate::table::Upstream;
@@ -31,11 +34,17 @@ pub struct AccessRecord {
     pub complete: bool,
     /// The upstream body failed mid-stream.
     pub upstream_error: bool,
+    /// Where the request is counted, if anywhere.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Drop for AccessRecord {
     fn drop(&mut self) {
-        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let took = self.start.elapsed();
+        if let Some(m) = &self.metrics {
+            m.request(self.upstream, self.reason, self.status, self.bytes, took);
+        }
+        let duration_ms = took.as_secs_f64() * 1000.0;
         tracing::info!(
             target: "mediaroute::access",
             user = self.user.as_deref().unwrap_or("-"),

@@ -82,7 +82,7 @@ fn config_view(proxy: &Proxy) -> String {
         serde_json::json!({
             "url": format!("{}://{}", target.scheme, target.authority),
             "bucket": target.bucket.as_deref(),
-            "down": u == Upstream::Replica && proxy.upstreams().replica_health.is_down(),
+            "down": proxy.upstreams().health(u).is_down(),
         })
     };
     let view = serde_json::json!({

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-
 /// A user's "Use S3 Replication" setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -116,7 +115,7 @@ pub struct Config {
     pub overridden_users: Vec<String>,
     /// Timeouts and sizes.
     pub limits: Limits,
-    /// Passive health detection of the replica.
+    /// Active and passive health checking.
     pub health: Health,
     /// Log output.
     pub log: Log,
@@ -173,21 +172,39 @@ pub struct Replication {
 /// `[limits]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
+    /// Most client connections open at once; further ones wait in the accept queue.
+    pub max_connections: u32,
+    /// Time a client has to send a complete request head (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted; larger ones get 431.
+    pub max_header_size: u32,
+    /// A client connection with no bytes read or written for this long is closed.
+    pub idle_timeout: Duration,
     /// TCP connect timeout to either upstream.
     pub upstream_connect_timeout: Duration,
+    /// Time an upstream has to send its response head.
+    pub upstream_header_timeout: Duration,
     /// Time allowed for the object-age `HEAD` probe.
     pub age_probe_timeout: Duration,
     /// Most object ages remembered.
     pub age_cache_entries: usize,
+    /// How long in-flight requests may run after SIGTERM.
+    pub shutdown_grace: Duration,
 }
 
 /// `[health]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
-    /// Consecutive connect failures that mark the replica down.
+    /// Time between active checks of each upstream.
+    pub interval: Duration,
+    /// Time an active check may take.
+    pub timeout: Duration,
+    /// Path requested (`HEAD`) by active checks.
+    pub path: String,
+    /// Consecutive successes that mark a down upstream up.
+    pub rise: u32,
+    /// Consecutive failures (checks or connect errors) that mark an upstream down.
     pub fall: u32,
-    /// How often a down replica is re-tried in the background.
-    pub retry_interval: Duration,
 }
 
 /// `[log]`.
@@ -198,7 +215,6 @@ pub struct Log {
     /// Default filter when `RUST_LOG` is not set.
     pub level: String,
 }
-
 
 /// Reads, parses and checks the config file at `path` and its users file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {

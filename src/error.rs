@@ -3,6 +3,8 @@
 use http::{Response, StatusCode};
 
 use crate::body::RespBody;
+use crate::table::Upstream;
+use crate::upstream::SendError;
 
 /// Why a request could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -13,23 +15,14 @@ pub enum ProxyError {
     /// The request names a bucket other than the configured one.
     #[error("bucket is not served here")]
     ForeignBucket,
-    /// The upstream could not be reached.
-    #[error("{upstream} unreachable")]
-    Unreachable {
+    /// The upstream gave no response head.
+    #[error("{} {source}", upstream.as_str())]
+    Upstream {
         /// Which upstream.
-        upstream: &'static str,
-        /// The connection error.
+        upstream: Upstream,
+        /// What went wrong.
         #[source]
-        source: hyper_util::client::legacy::Error,
-    },
-    /// The upstream connection broke before a response arrived.
-    #[error("{upstream} failed before responding")]
-    UpstreamFailed {
-        /// Which upstream.
-        upstream: &'static str,
-        /// The error.
-        #[source]
-        source: hyper_util::client::legacy::Error,
+        source: SendError,
     },
 }
 
@@ -39,9 +32,10 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "InvalidRequest"),
             ProxyError::ForeignBucket => (StatusCode::FORBIDDEN, "AccessDenied"),
-            ProxyError::Unreachable { .. } | ProxyError::UpstreamFailed { .. } => {
-                (StatusCode::BAD_GATEWAY, "BadGateway")
+            ProxyError::Upstream { source: SendError::Timeout(_), .. } => {
+                (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout")
             }
+            ProxyError::Upstream { .. } => (StatusCode::BAD_GATEWAY, "BadGateway"),
         }
     }
 
@@ -68,6 +62,18 @@ pub fn xml_error(status: StatusCode, code: &str, message: &str, resource: &str) 
     *resp.status_mut() = status;
     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/xml"));
     resp
+}
+
+/// An error and its causes on one line (hyper's top-level messages are terse).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 /// Escapes text for XML element content.

@@ -2,6 +2,7 @@
 //! region when a user's setting allows it, and from the primary otherwise.
 
 pub mod access;
+pub mod admin;
 pub mod age;
 pub mod body;
 pub mod client;
@@ -11,6 +12,7 @@ pub mod duration;
 pub mod error;
 pub mod explain;
 pub mod headers;
+pub mod idle;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

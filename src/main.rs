@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mediaroute::config::{self, Config};
 use mediaroute::{demo, duration, explain, reload, server};
+use sd_notify::NotifyState;
 
 /// Streaming reverse proxy that serves studio media from the S3 replica region when allowed.
 #[derive(Parser)]
@@ -134,17 +135,35 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let running = server::start(cfg).await?;
         watch_reloads(&running);
+        notify(&[NotifyState::Ready]);
         wait_for_stop().await;
+        notify(&[NotifyState::Stopping]);
         tracing::info!("stopping: finishing in-flight requests");
-        running.shutdown(Duration::from_secs(30)).await;
+        running.shutdown().await;
+        tracing::info!("stopped");
         Ok(())
     })
 }
 
+/// Tells systemd (`Type=notify`) about state changes; a no-op outside systemd.
+fn notify(state: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
 fn watch_reloads(running: &server::Running) {
-    let proxy = Arc::clone(&running.proxy);
-    let tables = Arc::clone(proxy.tables());
-    tokio::spawn(reload::sighup_loop(tables, move || proxy.ages().clear()));
+    tokio::spawn(reload::sighup_loop(Arc::clone(&running.proxy), |starting| {
+        if starting {
+            // systemd requires MONOTONIC_USEC with RELOADING=1.
+            match NotifyState::monotonic_usec_now() {
+                Ok(now) => notify(&[NotifyState::Reloading, now]),
+                Err(e) => tracing::debug!(error = %e, "cannot read the monotonic clock"),
+            }
+        } else {
+            notify(&[NotifyState::Ready]);
+        }
+    }));
 }
 
 async fn wait_for_stop() {
@@ -175,7 +194,7 @@ fn run_demo(path: Option<&Path>) -> anyhow::Result<()> {
         print!("{}", d.tour().await);
         println!("Press Ctrl-C to stop.");
         wait_for_stop().await;
-        d.proxy.shutdown(Duration::from_secs(5)).await;
+        d.proxy.shutdown().await;
         Ok(())
     })
 }

@@ -46,7 +46,8 @@ impl Metrics {
         let mut registry = Registry::with_prefix("mediaroute");
         let requests = Family::<Labels<3>, Counter>::default();
         let response_bytes = Family::<Labels<1>, Counter>::default();
-        let upstream_duration = Family::<Labels<1>, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let upstream_duration =
+            Family::<Labels<1>, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
         let fallbacks = Counter::default();
         let reloads = Family::<Labels<1>, Counter>::default();
         let generation = Gauge::default();
@@ -74,10 +75,10 @@ impl Metrics {
         };
         for u in [Upstream::Primary, Upstream::Replica] {
             m.set_up(u, true);
-            m.response_bytes.get_or_create(&[("upstream", u.as_str())]);
+            m.response_bytes.get_or_create(&[("upstream", u.as_str())]).inc_by(0);
         }
         for r in ["ok", "error"] {
-            m.reloads.get_or_create(&[("result", r)]);
+            m.reloads.get_or_create(&[("result", r)]).inc_by(0);
         }
         m
     }
@@ -85,7 +86,11 @@ impl Metrics {
     /// Counts one finished request.
     pub fn request(&self, upstream: Option<Upstream>, reason: Option<Reason>, status: u16, bytes: u64, took: Duration) {
         let up = upstream.map_or("none", Upstream::as_str);
-        let labels = [("upstream", up), ("reason", reason.map_or("refused", Reason::as_str)), ("status_class", status_class(status))];
+        let labels = [
+            ("upstream", up),
+            ("reason", reason.map_or("refused", Reason::as_str)),
+            ("status_class", status_class(status)),
+        ];
         self.requests.get_or_create(&labels).inc();
         self.response_bytes.get_or_create(&[("upstream", up)]).inc_by(bytes);
         if upstream.is_some() {

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
@@ -14,20 +15,23 @@ use crate::age::{AgeCache, Probe, parse_last_modified};
 use crate::body::{ReqBody, RespBody};
 use crate::client;
 use crate::config::Config;
-use crate::error::ProxyError;
+use crate::error::{ProxyError, error_chain};
 use crate::headers::{X_MEDIAROUTE_REASON, X_MEDIAROUTE_UPSTREAM, append_forwarded_for, remove_hop_by_hop};
+use crate::metrics::Metrics;
 use crate::reload::Tables;
 use crate::route::{self, Age, Reason, RequestFacts};
-use crate::table::{RoutingTable, Upstream, UpstreamTarget};
+use crate::table::{RoutingTable, Upstream};
 use crate::upstream::Upstreams;
 
 /// Shared state of the proxy service.
 #[derive(Debug)]
 pub struct Proxy {
     tables: Arc<Tables>,
-    upstreams: Upstreams,
+    upstreams: Arc<Upstreams>,
     ages: AgeCache,
     probe_timeout: Duration,
+    metrics: Arc<Metrics>,
+    ready: AtomicBool,
 }
 
 /// A request head ready to be sent to either upstream.
@@ -42,13 +46,30 @@ struct Outgoing {
 
 impl Proxy {
     /// Creates the service state.
-    pub fn new(cfg: &Config, tables: Arc<Tables>) -> Proxy {
+    pub fn new(cfg: &Config, tables: Arc<Tables>, metrics: Arc<Metrics>) -> Proxy {
         Proxy {
             tables,
-            upstreams: Upstreams::new(cfg),
+            upstreams: Arc::new(Upstreams::new(cfg, &metrics)),
             ages: AgeCache::new(cfg.limits.age_cache_entries),
             probe_timeout: cfg.limits.age_probe_timeout,
+            metrics,
+            ready: AtomicBool::new(false),
         }
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Whether the config is loaded, the listeners are up, and no shutdown has begun.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Marks the proxy ready (listening) or not (stopping).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
     }
 
     /// The routing table holder.
@@ -57,7 +78,7 @@ impl Proxy {
     }
 
     /// The upstream clients and health.
-    pub fn upstreams(&self) -> &Upstreams {
+    pub fn upstreams(&self) -> &Arc<Upstreams> {
         &self.upstreams
     }
 
@@ -82,13 +103,14 @@ impl Proxy {
             bytes: 0,
             complete: false,
             upstream_error: false,
+            metrics: Some(Arc::clone(&self.metrics)),
         });
         let resp = match self.forward(&table, &mut parts, body, peer, &mut rec).await {
             Ok(resp) => resp,
             Err(e) => {
                 match &e {
-                    ProxyError::Unreachable { source, .. } | ProxyError::UpstreamFailed { source, .. } => {
-                        tracing::warn!(error = %e, cause = %error_chain(source), "upstream request failed");
+                    ProxyError::Upstream { .. } => {
+                        tracing::warn!(error = %error_chain(&e), path = &*rec.path, "upstream request failed");
                     }
                     _ => tracing::debug!(error = %e, "request refused"),
                 }
@@ -120,7 +142,7 @@ impl Proxy {
         let facts = RequestFacts {
             read,
             object: route::is_object(parts.uri.path(), query),
-            replica_down: self.upstreams.replica_health.is_down(),
+            replica_down: self.upstreams.health(Upstream::Replica).is_down(),
         };
         let out = outgoing(table, parts, peer);
         let age =
@@ -132,14 +154,14 @@ impl Proxy {
         let body = if read { ReqBody::Empty } else { ReqBody::Stream(body) };
         if upstream == Upstream::Replica {
             let req = build_request(table, Upstream::Replica, &out, ReqBody::Empty)?;
-            let sent = self.upstreams.send(Upstream::Replica, req, &host_port(&table.replica)).await;
+            let sent = self.upstreams.send(Upstream::Replica, req).await;
             let failure = match sent {
                 Ok(resp) if !table.fallback || !replica_missed(resp.status()) => {
                     return Ok(to_client(resp, Upstream::Replica, reason));
                 }
                 Ok(resp) => format!("status {}", resp.status().as_u16()),
                 Err(e) if !table.fallback => {
-                    return Err(ProxyError::Unreachable { upstream: "replica", source: e });
+                    return Err(ProxyError::Upstream { upstream: Upstream::Replica, source: e });
                 }
                 Err(e) => error_chain(&e),
             };
@@ -147,22 +169,16 @@ impl Proxy {
             rec.upstream = Some(Upstream::Primary);
             rec.reason = Some(Reason::Fallback);
             let req = build_request(table, Upstream::Primary, &out, ReqBody::Empty)?;
-            return self.send_primary(table, req, Reason::Fallback).await;
+            return self.send_primary(req, Reason::Fallback).await;
         }
         let req = build_request(table, Upstream::Primary, &out, body)?;
-        self.send_primary(table, req, reason).await
+        self.send_primary(req, reason).await
     }
 
-    async fn send_primary(
-        &self,
-        table: &RoutingTable,
-        req: Request<ReqBody>,
-        reason: Reason,
-    ) -> Result<Response<RespBody>, ProxyError> {
-        match self.upstreams.send(Upstream::Primary, req, &host_port(&table.primary)).await {
+    async fn send_primary(&self, req: Request<ReqBody>, reason: Reason) -> Result<Response<RespBody>, ProxyError> {
+        match self.upstreams.send(Upstream::Primary, req).await {
             Ok(resp) => Ok(to_client(resp, Upstream::Primary, reason)),
-            Err(e) if e.is_connect() => Err(ProxyError::Unreachable { upstream: "primary", source: e }),
-            Err(e) => Err(ProxyError::UpstreamFailed { upstream: "primary", source: e }),
+            Err(source) => Err(ProxyError::Upstream { upstream: Upstream::Primary, source }),
         }
     }
 
@@ -284,22 +300,4 @@ fn to_client(resp: Response<Incoming>, upstream: Upstream, reason: Reason) -> Re
     parts.headers.insert(X_MEDIAROUTE_UPSTREAM.clone(), HeaderValue::from_static(upstream.as_str()));
     parts.headers.insert(X_MEDIAROUTE_REASON.clone(), HeaderValue::from_static(reason.as_str()));
     Response::from_parts(parts, RespBody::upstream(body))
-}
-
-/// `host:port` of an upstream, with the scheme's default port.
-fn host_port(t: &UpstreamTarget) -> String {
-    let default = if t.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 };
-    format!("{}:{}", t.authority.host(), t.authority.port_u16().unwrap_or(default))
-}
-
-/// An error and its causes on one line (hyper's top-level messages are terse).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 
-use crate::config::{self, Config, ConfigErrors};
+use crate::config::{self, Config, ConfigError, ConfigErrors};
+use crate::proxy::Proxy;
 use crate::table::RoutingTable;
 
 /// Holds the current routing table; requests load it once, reloads swap it whole.
@@ -76,9 +77,44 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     changed
 }
 
-/// Reloads on every SIGHUP until the process ends.
+/// Reloads the config off the request workers, counts the result, forgets cached ages.
+pub async fn reload(proxy: &Proxy) -> Result<Reloaded, ConfigErrors> {
+    let tables = Arc::clone(proxy.tables());
+    // Building a large table is CPU work: keep it off the request workers.
+    let result = match tokio::task::spawn_blocking(move || tables.reload()).await {
+        Ok(r) => r,
+        Err(e) => {
+            let error = ConfigError {
+                file: proxy.tables().path().to_path_buf(),
+                pos: None,
+                key: None,
+                message: format!("reload task failed: {e}"),
+            };
+            Err(ConfigErrors(vec![error]))
+        }
+    };
+    match &result {
+        Ok(r) => {
+            proxy.metrics().reload(Some(r.generation));
+            proxy.ages().clear();
+            tracing::info!(generation = r.generation, path = %proxy.tables().path().display(), "configuration reloaded");
+            if !r.needs_restart.is_empty() {
+                tracing::warn!(sections = ?r.needs_restart, "changed settings need a restart to take effect");
+            }
+        }
+        Err(errors) => {
+            proxy.metrics().reload(None);
+            for e in &errors.0 {
+                tracing::error!(error = %e, "reload rejected; still serving the previous configuration");
+            }
+        }
+    }
+    result
+}
+
+/// Reloads on every SIGHUP until the process ends; `around` is told before and after.
 #[cfg(unix)]
-pub async fn sighup_loop(tables: Arc<Tables>, on_reload: impl Fn() + Send + 'static) {
+pub async fn sighup_loop(proxy: Arc<Proxy>, around: impl Fn(bool) + Send + 'static) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -88,23 +124,8 @@ pub async fn sighup_loop(tables: Arc<Tables>, on_reload: impl Fn() + Send + 'sta
         }
     };
     while hup.recv().await.is_some() {
-        let t = Arc::clone(&tables);
-        // Building a large table is CPU work: keep it off the request workers.
-        let result = tokio::task::spawn_blocking(move || t.reload()).await;
-        match result {
-            Ok(Ok(r)) => {
-                tracing::info!(generation = r.generation, path = %tables.path().display(), "configuration reloaded");
-                if !r.needs_restart.is_empty() {
-                    tracing::warn!(sections = ?r.needs_restart, "changed settings need a restart to take effect");
-                }
-                on_reload();
-            }
-            Ok(Err(errors)) => {
-                for e in &errors.0 {
-                    tracing::error!(error = %e, "reload rejected; still serving the previous configuration");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "reload task failed"),
-        }
+        around(true);
+        let _ = reload(&proxy).await;
+        around(false);
     }
 }

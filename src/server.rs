@@ -1,4 +1,4 @@
-//! The listener: accept connections and serve HTTP/1.1 and cleartext HTTP/2 on them.
+//! The listeners: accept connections and serve HTTP/1.1 and cleartext HTTP/2 on them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,17 +9,20 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigErrors, Limits};
+use crate::idle::{IdleIo, idle_for};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::reload::Tables;
+use crate::reload::{self, Reloaded, Tables};
+use crate::{admin, upstream};
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// The listen address could not be bound.
+    /// A listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         /// The address from the config.
@@ -30,49 +33,90 @@ pub enum ServerError {
     },
 }
 
-/// A running proxy: its address, its state, and a way to stop it.
+/// A running proxy: its addresses, its state, and a way to stop it.
 #[derive(Debug)]
 pub struct Running {
-    /// The address actually bound (useful with port 0).
+    /// The proxy address actually bound (useful with port 0).
     pub addr: SocketAddr,
-    /// The proxy state (tables, upstreams, caches).
+    /// The admin address actually bound, if configured.
+    pub admin_addr: Option<SocketAddr>,
+    /// The proxy state (tables, upstreams, caches, metrics).
     pub proxy: Arc<Proxy>,
+    grace: Duration,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops accepting, waits up to `grace` for in-flight requests, then returns.
-    pub async fn shutdown(self, grace: Duration) {
+    /// Re-reads the config file and swaps in a new routing table; on error the old one stays.
+    pub async fn reload(&self) -> Result<Reloaded, ConfigErrors> {
+        reload::reload(&self.proxy).await
+    }
+
+    /// Stops accepting, lets in-flight requests finish within `limits.shutdown_grace`, then returns.
+    pub async fn shutdown(self) {
+        self.proxy.set_ready(false);
         let _ = self.stop.send(true);
-        if tokio::time::timeout(grace + Duration::from_secs(1), self.task).await.is_err() {
+        // The accept loop itself bounds the wait by the grace period.
+        if tokio::time::timeout(self.grace + Duration::from_secs(2), self.task).await.is_err() {
             tracing::warn!("server did not stop in time");
+        }
+        for task in self.background {
+            task.abort();
         }
     }
 }
 
-/// Binds the listener from `cfg` and starts serving in the background.
+/// Binds the listeners from `cfg` and starts serving in the background.
 pub async fn start(cfg: Config) -> Result<Running, ServerError> {
-    let addr = cfg.listen.addr;
-    let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+    let bind = |addr: SocketAddr| async move {
+        let l = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
+        let local = l.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+        Ok::<_, ServerError>((l, local))
+    };
+    let (listener, local) = bind(cfg.listen.addr).await?;
+    let admin = match cfg.listen.admin_addr {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::new());
     let tables = Arc::new(Tables::new(cfg.clone()));
-    let proxy = Arc::new(Proxy::new(&cfg, tables));
+    metrics.set_generation(tables.current().generation);
+    let proxy = Arc::new(Proxy::new(&cfg, Arc::clone(&tables), metrics));
+    let mut background =
+        vec![tokio::spawn(upstream::check_loop(Arc::clone(proxy.upstreams()), tables, cfg.health.clone()))];
+    let admin_addr = admin.map(|(l, a)| {
+        background.push(admin::spawn(l, Arc::clone(&proxy)));
+        tracing::info!(addr = %a, "admin listening");
+        a
+    });
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(accept_loop(listener, Arc::clone(&proxy), stopped));
+    let task = tokio::spawn(accept_loop(listener, Arc::clone(&proxy), cfg.limits.clone(), stopped));
+    proxy.set_ready(true);
     tracing::info!(addr = %local, "listening");
-    Ok(Running { addr: local, proxy, stop, task })
+    Ok(Running { addr: local, admin_addr, proxy, grace: cfg.limits.shutdown_grace, stop, task, background })
 }
 
-async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, mut stopped: watch::Receiver<bool>) {
+async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, limits: Limits, mut stopped: watch::Receiver<bool>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).max_buf_size(64 * 1024);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_size as usize);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_size);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections as usize));
     loop {
+        // At the connection limit, stop accepting: new clients wait in the kernel's backlog.
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stopped.changed() => break,
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => serve(&builder, &graceful, stream, peer, &proxy),
+                Ok((stream, peer)) => serve(&builder, &graceful, stream, peer, &proxy, limits.idle_timeout, permit),
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -83,7 +127,10 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, mut stopped: watc
         }
     }
     drop(listener);
-    graceful.shutdown().await;
+    tracing::info!(grace = ?limits.shutdown_grace, "stopped accepting; waiting for in-flight requests");
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("grace period over: closing the remaining connections");
+    }
 }
 
 fn serve(
@@ -92,6 +139,8 @@ fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     proxy: &Arc<Proxy>,
+    idle: Duration,
+    permit: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
     let proxy = Arc::clone(proxy);
@@ -99,11 +148,16 @@ fn serve(
         let proxy = Arc::clone(&proxy);
         async move { Ok::<_, std::convert::Infallible>(proxy.serve(req, peer).await) }
     });
-    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-    let conn = graceful.watch(conn);
+    let io = IdleIo::new(stream);
+    let activity = io.activity();
+    let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), service).into_owned());
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        tokio::select! {
+            res = conn => if let Err(e) = res {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            },
+            () = idle_for(&activity, idle) => tracing::debug!(%peer, "closing idle connection"),
         }
+        drop(permit);
     });
 }

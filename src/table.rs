@@ -124,6 +124,8 @@ pub struct RoutingTable {
     pub default_mode: Mode,
     /// Replica networks for mode `auto`.
     pub networks: NetSet,
+    /// Number of ranges in `replication.networks` as written.
+    pub network_count: usize,
     /// Peers believed for `X-Forwarded-For` and the user header.
     pub trusted_proxies: NetSet,
     /// Header carrying the user name (lower-case).
@@ -152,6 +154,7 @@ impl RoutingTable {
             users,
             default_mode: cfg.replication.default_mode,
             networks: NetSet::new(&cfg.replication.networks),
+            network_count: cfg.replication.networks.len(),
             trusted_proxies: NetSet::new(&cfg.identity.trusted_proxies),
             user_header: cfg
                 .identity

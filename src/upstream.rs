@@ -1,10 +1,10 @@
-//! Pooled HTTP(S) clients for the two upstreams, and the replica's health.
+//! Pooled HTTP(S) clients for the two upstreams, and their health.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -13,6 +13,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::ReqBody;
 use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::reload::Tables;
 use crate::table::Upstream;
 
 /// One keep-alive pool shared by both upstreams (connections are keyed by host).
@@ -25,8 +27,7 @@ pub fn build_client(cfg: &Config) -> HttpClient {
     http.set_nodelay(true);
     http.set_connect_timeout(Some(cfg.limits.upstream_connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let builder = match builder.with_native_roots() {
+    let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(error = %e, "no system CA certificates found; https upstreams will fail to verify");
@@ -45,101 +46,126 @@ pub fn build_client(cfg: &Config) -> HttpClient {
         .build(https)
 }
 
-/// Passive health of one upstream: consecutive connect failures mark it down.
-#[derive(Debug, Default)]
+/// Health of one upstream: `fall` consecutive failures mark it down, `rise` successes up.
+#[derive(Debug)]
 pub struct Health {
+    upstream: Upstream,
+    rise: u32,
+    fall: u32,
+    successes: AtomicU32,
     failures: AtomicU32,
     down: AtomicBool,
-    retrying: AtomicBool,
+    metrics: Arc<Metrics>,
 }
 
 impl Health {
+    /// A healthy upstream with the given thresholds.
+    pub fn new(upstream: Upstream, rise: u32, fall: u32, metrics: Arc<Metrics>) -> Health {
+        Health {
+            upstream,
+            rise: rise.max(1),
+            fall: fall.max(1),
+            successes: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            down: AtomicBool::new(false),
+            metrics,
+        }
+    }
+
     /// Whether the upstream is currently marked down.
     pub fn is_down(&self) -> bool {
         self.down.load(Ordering::Relaxed)
     }
 
-    /// Records an answer (any HTTP status): the upstream is reachable.
-    pub fn record_success(&self) {
+    /// Records a good answer; returns true when this one brought the upstream back.
+    pub fn success(&self) -> bool {
         self.failures.store(0, Ordering::Relaxed);
-        if self.down.swap(false, Ordering::Relaxed) {
-            tracing::info!("replica is reachable again");
+        let n = self.successes.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if n >= self.rise && self.down.swap(false, Ordering::Relaxed) {
+            tracing::info!(upstream = self.upstream.as_str(), "upstream is up again");
+            self.metrics.set_up(self.upstream, true);
+            return true;
         }
+        false
     }
 
-    /// Records a connect failure; returns true when this one marked it down.
-    pub fn record_failure(&self, fall: u32) -> bool {
+    /// Records a failure; returns true when this one marked the upstream down.
+    pub fn failure(&self, why: &str) -> bool {
+        self.successes.store(0, Ordering::Relaxed);
         let n = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-        n >= fall && !self.down.swap(true, Ordering::Relaxed)
+        if n >= self.fall && !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(upstream = self.upstream.as_str(), failures = n, why, "upstream marked down");
+            self.metrics.set_up(self.upstream, false);
+            return true;
+        }
+        false
     }
+}
+
+/// Why an upstream exchange produced no response head.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The connection could not be made (refused, unreachable, connect timeout, TLS).
+    #[error("unreachable")]
+    Connect(#[source] hyper_util::client::legacy::Error),
+    /// No response head within `limits.upstream_header_timeout`.
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    /// The connection broke before a response head arrived.
+    #[error("connection failed")]
+    Failed(#[source] hyper_util::client::legacy::Error),
 }
 
 /// The upstream client plus health state, shared by all requests.
 #[derive(Debug)]
 pub struct Upstreams {
     client: HttpClient,
-    /// Health of the replica (the primary is never routed around).
-    pub replica_health: Arc<Health>,
-    fall: u32,
-    retry_interval: Duration,
-    connect_timeout: Duration,
+    primary: Health,
+    replica: Health,
+    header_timeout: Duration,
 }
 
-/// The outcome of one upstream exchange, before any byte reached the client.
-pub type Sent = Result<Response<Incoming>, hyper_util::client::legacy::Error>;
-
 impl Upstreams {
-    /// Creates the shared client.
-    pub fn new(cfg: &Config) -> Upstreams {
+    /// Creates the shared client and health state.
+    pub fn new(cfg: &Config, metrics: &Arc<Metrics>) -> Upstreams {
+        let h = &cfg.health;
         Upstreams {
             client: build_client(cfg),
-            replica_health: Arc::new(Health::default()),
-            fall: cfg.health.fall,
-            retry_interval: cfg.health.retry_interval,
-            connect_timeout: cfg.limits.upstream_connect_timeout,
+            primary: Health::new(Upstream::Primary, h.rise, h.fall, Arc::clone(metrics)),
+            replica: Health::new(Upstream::Replica, h.rise, h.fall, Arc::clone(metrics)),
+            header_timeout: cfg.limits.upstream_header_timeout,
         }
     }
 
-    /// Sends a request to `which` (its URI is already absolute) and tracks replica health.
+    /// The health of one upstream.
+    pub fn health(&self, which: Upstream) -> &Health {
+        match which {
+            Upstream::Primary => &self.primary,
+            Upstream::Replica => &self.replica,
+        }
+    }
+
+    /// Sends a request (its URI already absolute) and waits for the response head.
     ///
-    /// `authority` is the replica's `host:port`, used by the background retry when
-    /// this failure marks the replica down.
-    pub async fn send(&self, which: Upstream, req: Request<ReqBody>, authority: &str) -> Sent {
-        let res = self.client.request(req).await;
-        if which == Upstream::Replica {
-            match &res {
-                Ok(_) => self.replica_health.record_success(),
-                Err(e) if e.is_connect() => {
-                    if self.replica_health.record_failure(self.fall) {
-                        tracing::warn!(replica = authority, error = %e, "replica marked down after {} connect failures", self.fall);
-                        self.spawn_retry(authority.to_string());
-                    }
-                }
-                Err(_) => {}
+    /// Connect failures and timeouts count against the upstream's health; any
+    /// response counts for it.
+    pub async fn send(&self, which: Upstream, req: Request<ReqBody>) -> Result<Response<Incoming>, SendError> {
+        let health = self.health(which);
+        match tokio::time::timeout(self.header_timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => {
+                health.success();
+                Ok(resp)
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                health.failure("connect error");
+                Err(SendError::Connect(e))
+            }
+            Ok(Err(e)) => Err(SendError::Failed(e)),
+            Err(_) => {
+                health.failure("response timeout");
+                Err(SendError::Timeout(self.header_timeout))
             }
         }
-        res
-    }
-
-    /// Re-tries a down replica in the background until a TCP connection succeeds.
-    fn spawn_retry(&self, authority: String) {
-        let health = Arc::clone(&self.replica_health);
-        if health.retrying.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let interval = self.retry_interval;
-        let timeout = self.connect_timeout;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                let attempt = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&authority)).await;
-                if matches!(attempt, Ok(Ok(_))) {
-                    health.record_success();
-                    break;
-                }
-            }
-            health.retrying.store(false, Ordering::Relaxed);
-        });
     }
 
     /// The raw client, for probes.
@@ -148,22 +174,77 @@ impl Upstreams {
     }
 }
 
+/// Checks both upstreams every `interval` with a `HEAD` of `path`, forever.
+///
+/// Any answer below 500 counts as up (S3 answers 403 or 404 to anonymous probes);
+/// 5xx, connect errors and timeouts count as failures.
+pub async fn check_loop(upstreams: Arc<Upstreams>, tables: Arc<Tables>, health: crate::config::Health) {
+    // The first check waits one interval: at start-up nothing is known to be wrong.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + health.interval, health.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let table = tables.current();
+        let checks = [Upstream::Primary, Upstream::Replica].map(|which| {
+            let target = table.target(which);
+            let uri = Uri::builder()
+                .scheme(target.scheme.clone())
+                .authority(target.authority.clone())
+                .path_and_query(health.path.as_str())
+                .build();
+            let upstreams = Arc::clone(&upstreams);
+            async move {
+                let Ok(uri) = uri else { return };
+                let mut req = Request::new(ReqBody::Empty);
+                *req.method_mut() = http::Method::HEAD;
+                *req.uri_mut() = uri;
+                let h = upstreams.health(which);
+                match tokio::time::timeout(health.timeout, upstreams.client.request(req)).await {
+                    Ok(Ok(resp)) if resp.status().is_server_error() => {
+                        h.failure(&format!("check answered {}", resp.status().as_u16()));
+                    }
+                    Ok(Ok(_)) => {
+                        h.success();
+                    }
+                    Ok(Err(e)) => {
+                        h.failure(&format!("check failed: {e}"));
+                    }
+                    Err(_) => {
+                        h.failure("check timed out");
+                    }
+                }
+            }
+        });
+        let [a, b] = checks;
+        tokio::join!(a, b);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn health_goes_down_after_fall_and_up_on_success() {
-        let h = Health::default();
-        assert!(!h.record_failure(3));
-        assert!(!h.record_failure(3));
+    fn health_falls_and_rises() {
+        let m = Arc::new(Metrics::new());
+        let h = Health::new(Upstream::Replica, 2, 3, Arc::clone(&m));
+        assert!(!h.failure("x"));
+        assert!(!h.failure("x"));
         assert!(!h.is_down());
-        assert!(h.record_failure(3));
+        assert!(h.failure("x"), "the third failure marks it down");
         assert!(h.is_down());
-        // Only the failure that crossed the line reports it.
-        assert!(!h.record_failure(3));
-        h.record_success();
+        assert!(m.render().contains("mediaroute_upstream_up{upstream=\"replica\"} 0"));
+        assert!(!h.failure("x"), "only the crossing reports");
+        assert!(!h.success(), "one success is not enough to rise");
+        assert!(h.is_down());
+        assert!(h.success());
         assert!(!h.is_down());
-        assert!(!h.record_failure(3));
+        assert!(m.render().contains("mediaroute_upstream_up{upstream=\"replica\"} 1"));
+        // A success in between resets the failure count.
+        assert!(!h.failure("x"));
+        assert!(!h.failure("x"));
+        h.success();
+        assert!(!h.failure("x"));
+        assert!(!h.is_down());
     }
 }

@@ -86,7 +86,8 @@ async fn the_demo_tour_shows_every_outcome() {
     let text = mediaroute::demo::EXAMPLE_CONFIG
         .replace("127.0.0.1:8080", "127.0.0.1:0")
         .replace("127.0.0.1:9001", "127.0.0.1:0")
-        .replace("127.0.0.1:9002", "127.0.0.1:0");
+        .replace("127.0.0.1:9002", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0");
     let cfg =
         mediaroute::config::parse(Path::new("demo.toml"), &text, &|_| Ok(mediaroute::demo::EXAMPLE_USERS.to_string()))
             .unwrap();

@@ -89,7 +89,7 @@ async fn a_dead_replica_is_marked_down_and_comes_back_by_itself() {
     let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
     primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
     let replica_addr = closed_port().await;
-    let tail = "[health]\nfall = 3\nretry_interval = \"100ms\"";
+    let tail = "[health]\nfall = 3\nrise = 1\ninterval = \"100ms\"";
     let proxy = start_proxy(&config_text(primary.addr, replica_addr, "delay = \"15m\"", tail)).await;
     let path = obj("a.mov");
     let get = || get_via(proxy.addr, &path, "alice");

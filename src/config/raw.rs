@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-
 /// A string with its place in the file.
 pub(super) type S = Spanned<String>;
 
@@ -74,16 +73,25 @@ pub(super) struct RawReplication {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) header_read_timeout: Option<S>,
+    pub(super) max_header_size: Option<Spanned<i64>>,
+    pub(super) idle_timeout: Option<S>,
     pub(super) upstream_connect_timeout: Option<S>,
+    pub(super) upstream_header_timeout: Option<S>,
     pub(super) age_probe_timeout: Option<S>,
     pub(super) age_cache_entries: Option<Spanned<i64>>,
+    pub(super) shutdown_grace: Option<S>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHealth {
+    pub(super) interval: Option<S>,
+    pub(super) timeout: Option<S>,
+    pub(super) path: Option<S>,
+    pub(super) rise: Option<Spanned<i64>>,
     pub(super) fall: Option<Spanned<i64>>,
-    pub(super) retry_interval: Option<S>,
 }
 
 #[derive(Deserialize, Default)]

@@ -57,6 +57,9 @@ fn key_at(src: &str, line: usize) -> Option<String> {
     })
 }
 
+/// hyper needs at least this much buffer for a request head.
+const MIN_HEADER_SIZE: u32 = 8192;
+
 pub(super) struct Validator<'a> {
     pub(super) file: &'a Path,
     pub(super) src: &'a str,
@@ -82,7 +85,11 @@ impl Validator<'_> {
         });
     }
 
-    pub(super) fn config(&mut self, raw: RawConfig, read_users: &dyn Fn(&Path) -> std::io::Result<String>) -> Option<Config> {
+    pub(super) fn config(
+        &mut self,
+        raw: RawConfig,
+        read_users: &dyn Fn(&Path) -> std::io::Result<String>,
+    ) -> Option<Config> {
         let listen = self.listen(raw.listen);
         let identity = self.identity(raw.identity);
         let primary = self.upstream(raw.primary, "primary");
@@ -386,14 +393,42 @@ impl Validator<'_> {
     }
 
     fn limits(&mut self, raw: RawLimits) -> Option<Limits> {
-        let connect =
-            self.duration(&raw.upstream_connect_timeout, "limits.upstream_connect_timeout", Duration::from_secs(3));
-        let probe = self.duration(&raw.age_probe_timeout, "limits.age_probe_timeout", Duration::from_secs(2));
+        let secs = Duration::from_secs;
+        let max_connections = self.positive(&raw.max_connections, "limits.max_connections", 10_000);
+        let header_read = self.duration(&raw.header_read_timeout, "limits.header_read_timeout", secs(30));
+        let header_size = self.positive(&raw.max_header_size, "limits.max_header_size", 64 * 1024);
+        if let (Some(size), Some(v)) = (header_size, &raw.max_header_size)
+            && size < MIN_HEADER_SIZE
+        {
+            self.err_at(v.span(), "limits.max_header_size", format!("{size} is too small: at least {MIN_HEADER_SIZE}"));
+        }
+        let idle = self.duration(&raw.idle_timeout, "limits.idle_timeout", secs(75));
+        let connect = self.duration(&raw.upstream_connect_timeout, "limits.upstream_connect_timeout", secs(3));
+        let upstream_header = self.duration(&raw.upstream_header_timeout, "limits.upstream_header_timeout", secs(60));
+        let probe = self.duration(&raw.age_probe_timeout, "limits.age_probe_timeout", secs(2));
         let entries = self.positive(&raw.age_cache_entries, "limits.age_cache_entries", 100_000);
+        let grace = self.duration(&raw.shutdown_grace, "limits.shutdown_grace", secs(30));
+        for (d, key) in [
+            (header_read, "limits.header_read_timeout"),
+            (idle, "limits.idle_timeout"),
+            (connect, "limits.upstream_connect_timeout"),
+            (upstream_header, "limits.upstream_header_timeout"),
+            (probe, "limits.age_probe_timeout"),
+        ] {
+            if d == Some(Duration::ZERO) {
+                self.err_nowhere(key, "must be more than 0s");
+            }
+        }
         Some(Limits {
+            max_connections: max_connections?,
+            header_read_timeout: header_read?,
+            max_header_size: header_size.filter(|s| *s >= MIN_HEADER_SIZE)?,
+            idle_timeout: idle?.max(Duration::from_millis(1)),
             upstream_connect_timeout: connect?,
+            upstream_header_timeout: upstream_header?,
             age_probe_timeout: probe?,
             age_cache_entries: entries? as usize,
+            shutdown_grace: grace?,
         })
     }
 
@@ -409,9 +444,32 @@ impl Validator<'_> {
     }
 
     fn health(&mut self, raw: RawHealth) -> Option<Health> {
+        let interval = self.duration(&raw.interval, "health.interval", Duration::from_secs(5));
+        let timeout = self.duration(&raw.timeout, "health.timeout", Duration::from_secs(2));
+        let rise = self.positive(&raw.rise, "health.rise", 2);
         let fall = self.positive(&raw.fall, "health.fall", 3);
-        let retry = self.duration(&raw.retry_interval, "health.retry_interval", Duration::from_secs(2));
-        Some(Health { fall: fall?, retry_interval: retry? })
+        let path = match raw.path {
+            None => Some("/".to_string()),
+            Some(p) if p.get_ref().starts_with('/') && p.get_ref().parse::<http::uri::PathAndQuery>().is_ok() => {
+                Some(p.into_inner())
+            }
+            Some(p) => {
+                self.err_at(p.span(), "health.path", format!("{:?} is not a path starting with /", p.get_ref()));
+                None
+            }
+        };
+        for (d, key) in [(interval, "health.interval"), (timeout, "health.timeout")] {
+            if d == Some(Duration::ZERO) {
+                self.err_nowhere(key, "must be more than 0s");
+            }
+        }
+        Some(Health {
+            interval: interval.filter(|d| !d.is_zero())?,
+            timeout: timeout.filter(|d| !d.is_zero())?,
+            path: path?,
+            rise: rise?,
+            fall: fall?,
+        })
     }
 
     fn log(&mut self, raw: RawLog) -> Option<Log> {
