@@ -262,6 +262,8 @@ pub struct ProxyProcess {
     pub addr: SocketAddr,
     /// Every stderr line so far (logs, including the access log).
     pub log: Arc<std::sync::Mutex<Vec<String>>>,
+    /// The config file it runs on (rewrite it, then send SIGHUP).
+    pub config_path: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -293,7 +295,30 @@ impl ProxyProcess {
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(30)).expect("proxy reports its address");
-        ProxyProcess { child, addr: addr.parse().unwrap(), log, _dir: dir }
+        ProxyProcess { child, addr: addr.parse().unwrap(), log, config_path: path, _dir: dir }
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, ...) to the process.
+    pub fn signal(&self, name: &str) {
+        let ok = std::process::Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
+        assert!(ok.is_ok_and(|s| s.success()), "kill -{name} failed");
+    }
+
+    /// Log lines containing `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Peak resident memory of the process so far, in bytes (Linux `VmHWM`).
