@@ -2,11 +2,16 @@
 //!
 //! Media keys are write-once, so an object once seen older than the delay stays old.
 //! A younger one is probed again once it could have aged past the delay (in case it
-//! was overwritten). Misses and failures are not remembered, but concurrent requests
-//! for one key always share a single probe.
+//! was overwritten). Misses and failures are remembered for two seconds only, so a
+//! failing primary is not asked once per request. Concurrent requests for one key
+//! always share a single probe.
+//!
+//! Keys are stored as keyed hashes (random per process), so memory per entry is fixed
+//! whatever the path length, and nobody can aim collisions at it.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -30,17 +35,24 @@ struct Slot {
     result: OnceCell<(Probe, SystemTime)>,
 }
 
+/// How long a miss or a failed probe is remembered.
+const NEGATIVE_TTL: Duration = Duration::from_secs(2);
+
+/// A path reduced to a fixed size: its keyed hash and its length.
+type Key = (u64, usize);
+
 /// The bounded cache of object ages, shared by all requests.
 #[derive(Debug)]
 pub struct AgeCache {
-    slots: Mutex<HashMap<Box<str>, Arc<Slot>>>,
+    slots: Mutex<HashMap<Key, Arc<Slot>>>,
     capacity: usize,
+    hasher: RandomState,
 }
 
 impl AgeCache {
     /// A cache holding at most `capacity` objects.
     pub fn new(capacity: usize) -> AgeCache {
-        AgeCache { slots: Mutex::new(HashMap::new()), capacity: capacity.max(1) }
+        AgeCache { slots: Mutex::new(HashMap::new()), capacity: capacity.max(1), hasher: RandomState::new() }
     }
 
     /// Number of objects remembered (including probes in flight).
@@ -58,42 +70,37 @@ impl AgeCache {
         self.lock().clear();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<Slot>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Slot>>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The age of `key`, running `probe` only if no usable answer is cached or in flight.
-    pub async fn age<F, Fut>(&self, key: &str, delay: Duration, probe: F) -> Age
+    pub async fn age<F, Fut>(&self, path: &str, delay: Duration, probe: F) -> Age
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Probe>,
     {
+        let key = (self.hasher.hash_one(path), path.len());
         let now = SystemTime::now();
         let slot = {
             let mut slots = self.lock();
-            match slots.get(key) {
+            match slots.get(&key) {
                 Some(slot) if still_good(slot, delay, now) => Arc::clone(slot),
                 _ => {
-                    if slots.len() >= self.capacity && !slots.contains_key(key) {
+                    if slots.len() >= self.capacity && !slots.contains_key(&key) {
                         // Any entry will do: the cost of a wrong guess is one extra HEAD.
-                        if let Some(victim) = slots.keys().next().cloned() {
+                        if let Some(victim) = slots.keys().next().copied() {
                             slots.remove(&victim);
                         }
                     }
                     let slot = Arc::new(Slot { result: OnceCell::new() });
-                    slots.insert(Box::from(key), Arc::clone(&slot));
+                    slots.insert(key, Arc::clone(&slot));
                     slot
                 }
             }
         };
         let (probe, _) = *slot.result.get_or_init(|| async { (probe().await, SystemTime::now()) }).await;
-        if !matches!(probe, Probe::Modified(_)) {
-            let mut slots = self.lock();
-            if slots.get(key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
-                slots.remove(key);
-            }
-        }
         match probe {
             Probe::Modified(t) => Age::Known(now.duration_since(t).unwrap_or(Duration::ZERO)),
             Probe::Missing => Age::Missing,
@@ -102,15 +109,17 @@ impl AgeCache {
     }
 }
 
-/// Whether a slot may answer now: in flight, old for good, or young and not yet due.
+/// Whether a slot may answer now: in flight, old for good, young and not yet due,
+/// or a recent miss or failure.
 fn still_good(slot: &Slot, delay: Duration, now: SystemTime) -> bool {
-    match slot.result.get() {
-        None => true,
-        Some((Probe::Modified(t), checked)) => {
+    let Some((probe, checked)) = slot.result.get() else { return true };
+    match probe {
+        Probe::Modified(t) => {
             let old_when_checked = checked.duration_since(*t).is_ok_and(|a| a >= delay);
-            old_when_checked || now < *t + delay
+            // No deadline that far out (delay near the clock's limit): never due.
+            old_when_checked || t.checked_add(delay).is_none_or(|due| now < due)
         }
-        Some(_) => false,
+        Probe::Missing | Probe::Failed => now.duration_since(*checked).is_ok_and(|d| d < NEGATIVE_TTL),
     }
 }
 
@@ -166,11 +175,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn misses_and_failures_are_not_remembered() {
+    async fn misses_and_failures_are_remembered_briefly() {
         let cache = AgeCache::new(10);
         assert_eq!(cache.age("/b/x", DELAY, || async { Probe::Missing }).await, Age::Missing);
-        assert_eq!(cache.age("/b/x", DELAY, || async { Probe::Failed }).await, Age::Unknown);
-        assert!(cache.is_empty());
+        // Within the negative TTL the cached miss answers; the probe below is not run.
+        assert_eq!(cache.age("/b/x", DELAY, || async { Probe::Failed }).await, Age::Missing);
+        assert_eq!(cache.age("/b/y", DELAY, || async { Probe::Failed }).await, Age::Unknown);
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_huge_delay_does_not_overflow() {
+        let cache = AgeCache::new(10);
+        let huge = Duration::from_secs(u64::MAX / 2);
+        let probe = || async { Probe::Modified(SystemTime::now()) };
+        assert!(matches!(cache.age("/b/z", huge, probe).await, Age::Known(_)));
+        assert!(matches!(cache.age("/b/z", huge, probe).await, Age::Known(_)));
     }
 
     #[tokio::test]

@@ -50,27 +50,33 @@ fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
 }
 
 fn user(table: &RoutingTable, headers: &HeaderMap, query: Option<&str>) -> Option<Box<str>> {
-    if let Some(h) = &table.user_header
-        && let Some(v) = headers.get(h)
-        && let Ok(v) = v.to_str()
-    {
-        let v = v.trim();
-        if !v.is_empty() {
-            return Some(Box::from(v));
+    if let Some(h) = &table.user_header {
+        let mut values = headers.get_all(h).iter();
+        if let Some(first) = values.next() {
+            // Two values mean someone before the trusted proxy sent one too: believe neither.
+            if values.next().is_some() {
+                return None;
+            }
+            let v = first.to_str().ok()?.trim();
+            if !v.is_empty() {
+                return Some(Box::from(v));
+            }
         }
     }
     let name = table.user_query.as_deref()?;
-    let value = query_param(query?, name)?;
+    let value = single_query_param(query?, name)?;
     let value = percent_decode(value)?;
     (!value.is_empty()).then(|| value.into_boxed_str())
 }
 
-/// The raw value of the first `name=value` pair in a query string.
-fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
-    query.split('&').find_map(|pair| {
+/// The raw value of the `name=value` pair in a query string; `None` if absent or repeated.
+fn single_query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    let mut found = query.split('&').filter_map(|pair| {
         let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
         (n == name).then_some(v)
-    })
+    });
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
 }
 
 /// Decodes `%XX` escapes; `None` for a broken escape or non-UTF-8 result.
@@ -106,7 +112,7 @@ pub fn strip_identity<'q>(
     let Some(name) = table.user_query.as_deref() else {
         return Some(query.into());
     };
-    if query_param(query, name).is_none() {
+    if !query.split('&').any(|pair| pair.split_once('=').map_or(pair, |(n, _)| n) == name) {
         return Some(query.into());
     }
     let kept: Vec<&str> =
@@ -130,7 +136,7 @@ mod tests {
     }
 
     fn trusted() -> RoutingTable {
-        table("trusted_proxies = [\"127.0.0.0/8\", \"10.0.0.0/8\", \"::1/128\"]\nuser_query = \"user\"")
+        table("trusted_proxies = [\"127.0.0.0/8\", \"10.0.0.0/8\", \"::1/128\"]\nuser_header = \"X-Forwarded-User\"\nuser_query = \"user\"")
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -198,6 +204,25 @@ mod tests {
         assert_eq!(c.user.as_deref(), Some("böb"));
         assert_eq!(context(&t, ip("127.0.0.1"), &h, Some("user=%zz")).user, None);
         assert_eq!(context(&t, ip("127.0.0.1"), &h, Some("user=")).user, None);
+    }
+
+    #[test]
+    fn repeated_identity_values_are_not_believed() {
+        let t = trusted();
+        let h = headers(&[("x-forwarded-user", "alice"), ("x-forwarded-user", "carol")]);
+        assert_eq!(context(&t, ip("127.0.0.1"), &h, None).user, None);
+        let c = context(&t, ip("127.0.0.1"), &HeaderMap::new(), Some("user=alice&user=carol"));
+        assert_eq!(c.user, None);
+    }
+
+    #[test]
+    fn only_the_query_counts_when_only_the_query_is_configured() {
+        let t = table("trusted_proxies = [\"127.0.0.0/8\"]\nuser_query = \"user\"");
+        let h = headers(&[("x-forwarded-user", "alice")]);
+        assert_eq!(context(&t, ip("127.0.0.1"), &h, Some("user=carol")).user.as_deref(), Some("carol"));
+        assert_eq!(context(&t, ip("127.0.0.1"), &h, None).user, None);
+        let off = table("trusted_proxies = [\"127.0.0.0/8\"]\nuser_header = \"\"");
+        assert_eq!(context(&off, ip("127.0.0.1"), &h, None).user, None);
     }
 
     #[test]

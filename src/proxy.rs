@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::access::AccessRecord;
@@ -108,13 +109,16 @@ impl Proxy {
         let resp = match self.forward(&table, &mut parts, body, peer, &mut rec).await {
             Ok(resp) => resp,
             Err(e) => {
+                let mut resp = e.to_response(&rec.path);
                 match &e {
-                    ProxyError::Upstream { .. } => {
+                    ProxyError::Upstream { upstream, .. } => {
                         tracing::warn!(error = %error_chain(&e), path = &*rec.path, "upstream request failed");
+                        rec.upstream = Some(*upstream);
+                        label(resp.headers_mut(), *upstream, rec.reason);
                     }
                     _ => tracing::debug!(error = %e, "request refused"),
                 }
-                e.to_response(&rec.path)
+                resp
             }
         };
         rec.status = resp.status().as_u16();
@@ -131,6 +135,10 @@ impl Proxy {
     ) -> Result<Response<RespBody>, ProxyError> {
         if parts.method == Method::CONNECT || !parts.uri.path().starts_with('/') {
             return Err(ProxyError::BadRequest("the request target must be a path starting with /"));
+        }
+        if has_dot_segment(parts.uri.path()) {
+            // An upstream that normalises paths would let `/bucket/../other` escape the bucket.
+            return Err(ProxyError::BadRequest("the path must not contain . or .. segments"));
         }
         let query = parts.uri.query();
         let ctx = client::context(table, peer.ip(), &parts.headers, query);
@@ -159,7 +167,11 @@ impl Proxy {
                 Ok(resp) if !table.fallback || !replica_missed(resp.status()) => {
                     return Ok(to_client(resp, Upstream::Replica, reason));
                 }
-                Ok(resp) => format!("status {}", resp.status().as_u16()),
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    drain_small(resp).await;
+                    format!("status {status}")
+                }
                 Err(e) if !table.fallback => {
                     return Err(ProxyError::Upstream { upstream: Upstream::Replica, source: e });
                 }
@@ -236,6 +248,23 @@ fn check_bucket(table: &RoutingTable, path: &str) -> Result<(), ProxyError> {
     if first == bucket { Ok(()) } else { Err(ProxyError::ForeignBucket) }
 }
 
+/// Reads a small error body to its end so the upstream connection can be reused.
+async fn drain_small(resp: Response<Incoming>) {
+    const SMALL: u64 = 64 * 1024;
+    let len = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if len.is_some_and(|n| n <= SMALL) {
+        let body = http_body_util::Limited::new(resp.into_body(), SMALL as usize);
+        let _ = tokio::time::timeout(Duration::from_millis(500), body.collect()).await;
+    }
+}
+
+/// Whether any path segment is `.` or `..`, literally or percent-encoded.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|seg| {
+        [".", "..", "%2e", "%2e%2e", ".%2e", "%2e."].iter().any(|dot| seg.eq_ignore_ascii_case(dot))
+    })
+}
+
 /// The statuses that mean "the replica does not have it (yet)" or "the replica is broken".
 fn replica_missed(status: StatusCode) -> bool {
     status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN || status.is_server_error()
@@ -297,7 +326,29 @@ fn build_request(
 fn to_client(resp: Response<Incoming>, upstream: Upstream, reason: Reason) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(X_MEDIAROUTE_UPSTREAM.clone(), HeaderValue::from_static(upstream.as_str()));
-    parts.headers.insert(X_MEDIAROUTE_REASON.clone(), HeaderValue::from_static(reason.as_str()));
+    label(&mut parts.headers, upstream, Some(reason));
     Response::from_parts(parts, RespBody::upstream(body))
+}
+
+/// Adds `X-Mediaroute-Upstream` and, when known, `X-Mediaroute-Reason`.
+fn label(headers: &mut HeaderMap, upstream: Upstream, reason: Option<Reason>) {
+    headers.insert(X_MEDIAROUTE_UPSTREAM.clone(), HeaderValue::from_static(upstream.as_str()));
+    if let Some(r) = reason {
+        headers.insert(X_MEDIAROUTE_REASON.clone(), HeaderValue::from_static(r.as_str()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_are_found_in_any_spelling() {
+        for p in ["/b/../x", "/b/./x", "/b/%2e%2E/x", "/b/.%2e/x", "/b/%2E", "/.."] {
+            assert!(has_dot_segment(p), "{p}");
+        }
+        for p in ["/b/x", "/b/..x", "/b/x.mov", "/b/.hidden", "/b/%2e%2ex"] {
+            assert!(!has_dot_segment(p), "{p}");
+        }
+    }
 }

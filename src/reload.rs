@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{self, Config, ConfigError, ConfigErrors};
 use crate::proxy::Proxy;
-use crate::table::RoutingTable;
+use crate::table::{RoutingTable, Upstream};
 
 /// Holds the current routing table; requests load it once, reloads swap it whole.
 #[derive(Debug)]
@@ -80,6 +80,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 /// Reloads the config off the request workers, counts the result, forgets cached ages.
 pub async fn reload(proxy: &Proxy) -> Result<Reloaded, ConfigErrors> {
     let tables = Arc::clone(proxy.tables());
+    let before = tables.current();
     // Building a large table is CPU work: keep it off the request workers.
     let result = match tokio::task::spawn_blocking(move || tables.reload()).await {
         Ok(r) => r,
@@ -97,6 +98,14 @@ pub async fn reload(proxy: &Proxy) -> Result<Reloaded, ConfigErrors> {
         Ok(r) => {
             proxy.metrics().reload(Some(r.generation));
             proxy.ages().clear();
+            let after = proxy.tables().current();
+            for u in [Upstream::Primary, Upstream::Replica] {
+                let (old, new) = (before.target(u), after.target(u));
+                if old.scheme != new.scheme || old.authority != new.authority {
+                    // What was learned about the old address says nothing about the new one.
+                    proxy.upstreams().health(u).reset();
+                }
+            }
             tracing::info!(generation = r.generation, path = %proxy.tables().path().display(), "configuration reloaded");
             if !r.needs_restart.is_empty() {
                 tracing::warn!(sections = ?r.needs_restart, "changed settings need a restart to take effect");

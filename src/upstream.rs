@@ -77,6 +77,14 @@ impl Health {
         self.down.load(Ordering::Relaxed)
     }
 
+    /// Forgets everything known: the upstream moved to a new address.
+    pub fn reset(&self) {
+        self.successes.store(0, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
+        self.down.store(false, Ordering::Relaxed);
+        self.metrics.set_up(self.upstream, true);
+    }
+
     /// Records a good answer; returns true when this one brought the upstream back.
     pub fn success(&self) -> bool {
         self.failures.store(0, Ordering::Relaxed);

@@ -57,6 +57,9 @@ fn key_at(src: &str, line: usize) -> Option<String> {
     })
 }
 
+/// No setting needs longer; the cap keeps time arithmetic far from overflow.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
 /// hyper needs at least this much buffer for a request head.
 const MIN_HEADER_SIZE: u32 = 8192;
 
@@ -97,13 +100,13 @@ impl Validator<'_> {
         self.buckets(&primary, &replica);
         let users_file = raw.replication.users_file.as_ref().map(|f| {
             let base = self.file.parent().unwrap_or(Path::new("."));
-            base.join(f.get_ref())
+            (base.join(f.get_ref()), f.span())
         });
-        let replication = self.replication(raw.replication, users_file.clone());
+        let replication = self.replication(raw.replication, users_file.as_ref().map(|(p, _)| p.clone()));
         let mut users = BTreeMap::new();
         let mut overridden_users = Vec::new();
-        if let Some(file) = &users_file {
-            users = self.users_file(file, read_users);
+        if let Some((file, span)) = &users_file {
+            users = self.users_file(file, span.clone(), read_users);
         }
         for (name, mode) in &raw.users {
             if let Some(m) = self.mode(mode, &format!("users.{}", quote_key(name)))
@@ -176,13 +179,16 @@ impl Validator<'_> {
     fn identity(&mut self, raw: RawIdentity) -> Option<Identity> {
         let mut ok = true;
         let user_header = match &raw.user_header {
+            Some(s) if s.get_ref().is_empty() => None,
             Some(s) if http::HeaderName::from_bytes(s.get_ref().as_bytes()).is_err() => {
                 self.err_at(s.span(), "identity.user_header", format!("{:?} is not a valid header name", s.get_ref()));
                 ok = false;
                 None
             }
-            Some(s) if s.get_ref().is_empty() => None,
             Some(s) => Some(s.get_ref().to_ascii_lowercase()),
+            // A gateway that names users in the query may pass client headers through:
+            // then only the query parameter is believed.
+            None if raw.user_query.is_some() => None,
             None => Some("x-forwarded-user".to_string()),
         };
         let user_query = match &raw.user_query {
@@ -332,15 +338,18 @@ impl Validator<'_> {
 
     fn duration(&mut self, s: &Option<S>, key: &str, default: Duration) -> Option<Duration> {
         let Some(s) = s else { return Some(default) };
-        let d = parse_duration(s.get_ref());
-        if d.is_none() {
-            self.err_at(
-                s.span(),
-                key,
-                format!("{:?} is not a duration (e.g. \"15m\", \"30s\", \"250ms\", \"1h\")", s.get_ref()),
-            );
+        match parse_duration(s.get_ref()) {
+            Some(d) if d <= MAX_DURATION => Some(d),
+            Some(_) => {
+                self.err_at(s.span(), key, format!("{:?} is too long: at most 365d", s.get_ref()));
+                None
+            }
+            None => {
+                let msg = format!("{:?} is not a duration (e.g. \"15m\", \"30s\", \"250ms\", \"1h\")", s.get_ref());
+                self.err_at(s.span(), key, msg);
+                None
+            }
         }
-        d
     }
 
     fn replication(&mut self, raw: RawReplication, users_file: Option<PathBuf>) -> Option<Replication> {
@@ -366,12 +375,17 @@ impl Validator<'_> {
     }
 
     /// Reads the users file: top-level `name = "mode"` pairs, errors located in that file.
-    fn users_file(&mut self, file: &Path, read: &dyn Fn(&Path) -> std::io::Result<String>) -> BTreeMap<String, Mode> {
+    fn users_file(
+        &mut self,
+        file: &Path,
+        span: std::ops::Range<usize>,
+        read: &dyn Fn(&Path) -> std::io::Result<String>,
+    ) -> BTreeMap<String, Mode> {
         let mut users = BTreeMap::new();
         let src = match read(file) {
             Ok(s) => s,
             Err(e) => {
-                self.err_nowhere("replication.users_file", format!("cannot read {}: {e}", file.display()));
+                self.err_at(span, "replication.users_file", format!("cannot read {}: {e}", file.display()));
                 return users;
             }
         };
