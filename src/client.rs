@@ -136,7 +136,9 @@ mod tests {
     }
 
     fn trusted() -> RoutingTable {
-        table("trusted_proxies = [\"127.0.0.0/8\", \"10.0.0.0/8\", \"::1/128\"]\nuser_header = \"X-Forwarded-User\"\nuser_query = \"user\"")
+        table(
+            "trusted_proxies = [\"127.0.0.0/8\", \"10.0.0.0/8\", \"::1/128\"]\nuser_header = \"X-Forwarded-User\"\nuser_query = \"user\"",
+        )
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

@@ -260,9 +260,8 @@ async fn drain_small(resp: Response<Incoming>) {
 
 /// Whether any path segment is `.` or `..`, literally or percent-encoded.
 fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|seg| {
-        [".", "..", "%2e", "%2e%2e", ".%2e", "%2e."].iter().any(|dot| seg.eq_ignore_ascii_case(dot))
-    })
+    path.split('/')
+        .any(|seg| [".", "..", "%2e", "%2e%2e", ".%2e", "%2e."].iter().any(|dot| seg.eq_ignore_ascii_case(dot)))
 }
 
 /// The statuses that mean "the replica does not have it (yet)" or "the replica is broken".

@@ -80,6 +80,7 @@ async fn unreachable_primary_is_a_502_with_an_s3_error() {
     let proxy = start_proxy(&config_text(dead, replica.addr, "delay = \"0s\"", "")).await;
     let resp = client().put(format!("http://{}{}", proxy.addr, obj("a.mov"))).body("x").send().await.unwrap();
     assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["x-mediaroute-upstream"], "primary");
     let body = resp.text().await.unwrap();
     assert!(body.contains("<Code>BadGateway</Code>") && body.contains("primary unreachable"), "{body}");
 }
@@ -112,4 +113,99 @@ async fn a_dead_replica_is_marked_down_and_comes_back_by_itself() {
         }
     }
     assert_eq!(reason, "replica");
+}
+
+#[tokio::test]
+async fn head_requests_fall_back_too() {
+    let s = Setup::new("delay = \"0s\"").await;
+    s.media("legacy.mov", false, OLD);
+    let resp = s.client.head(s.url(&obj("legacy.mov"))).header("x-forwarded-user", "alice").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-mediaroute-reason"], "fallback");
+    assert_eq!(resp.headers()["content-length"], "18");
+}
+
+/// A server that accepts connections and reads requests but never answers.
+async fn silent_server() -> TestServer {
+    serve_fn(loopback0(), |_req| async move {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        http::Response::new(full(""))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_replica_that_never_answers_falls_back_after_the_header_timeout() {
+    let replica = silent_server().await;
+    let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
+    primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
+    let tail = "[limits]\nupstream_header_timeout = \"300ms\"";
+    let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"0s\"", tail)).await;
+    let started = std::time::Instant::now();
+    let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
+    assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "fallback", "primary"));
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_primary_that_never_answers_gives_504() {
+    let primary = silent_server().await;
+    let replica = status_server(200).await;
+    let tail = "[limits]\nupstream_header_timeout = \"300ms\"";
+    let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"0s\"", tail)).await;
+    let resp = client().put(format!("http://{}{}", proxy.addr, obj("a.mov"))).body("x").send().await.unwrap();
+    let a = Answer::from(resp).await;
+    assert_eq!((a.status, a.upstream.as_str(), a.reason.as_str()), (504, "primary", "write"));
+    assert!(a.body.contains("<Code>GatewayTimeout</Code>"), "{}", a.body);
+}
+
+#[tokio::test]
+async fn a_replica_failing_mid_body_is_not_retried() {
+    // Promises 1 MiB, sends 10 bytes, then drops the connection.
+    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let replica_addr = listener.local_addr().unwrap();
+    let raw_replica = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n0123456789").await;
+            // Dropping the connection cuts the body short.
+        }
+    });
+    let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
+    let proxy = start_proxy(&config_text(primary.addr, replica_addr, "delay = \"0s\"", "")).await;
+    let resp = client()
+        .get(format!("http://{}{}", proxy.addr, obj("a.mov")))
+        .header("x-forwarded-user", "alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-mediaroute-upstream"], "replica");
+    assert!(resp.bytes().await.is_err(), "the client must see the download break, not a spliced body");
+    assert_eq!(primary.store.hits(), 0, "nothing is retried once bytes went to the client");
+    raw_replica.abort();
+}
+
+#[tokio::test]
+async fn age_probe_refusals_route_to_the_primary() {
+    // A primary that refuses HEAD (403, 500) or answers it without Last-Modified.
+    for (status, last_modified) in [(403u16, true), (500, true), (200, false)] {
+        let primary = serve_fn(loopback0(), move |req: http::Request<hyper::body::Incoming>| async move {
+            let mut r = http::Response::new(full("primary"));
+            if req.method() == http::Method::HEAD {
+                *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                if last_modified {
+                    r.headers_mut().insert("last-modified", "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+                }
+            }
+            r
+        })
+        .await;
+        let replica = status_server(200).await;
+        let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"15m\"", "")).await;
+        let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
+        assert_eq!((a.upstream.as_str(), a.reason.as_str()), ("primary", "age-unknown"), "HEAD {status}");
+        assert_eq!(replica.hits.load(Ordering::SeqCst), 0);
+    }
 }

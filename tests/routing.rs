@@ -190,3 +190,15 @@ async fn cleartext_http2_clients_are_served() {
     let a = Answer::from(resp).await;
     assert_eq!((a.status, a.body.as_str()), (200, "replica:a.mov"));
 }
+
+#[tokio::test]
+async fn cleartext_http2_uploads_stream_to_the_primary() {
+    let s = Setup::new("delay = \"15m\"").await;
+    let h2 = reqwest::Client::builder().no_proxy().http2_prior_knowledge().build().unwrap();
+    let body = vec![9u8; 2 * 1024 * 1024];
+    let resp = h2.put(s.url(&obj("h2/upload.mov"))).body(body.clone()).send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.headers()["x-mediaroute-reason"], "write");
+    assert_eq!(s.primary.store.get(&obj("h2/upload.mov")).unwrap().body.len(), body.len());
+    assert_eq!(s.replica.store.hits(), 0);
+}

@@ -149,3 +149,52 @@ async fn identity_and_hop_by_hop_headers_do_not_reach_the_upstream() {
     }
     assert!(body.contains(&format!("host: {}", replica.addr)), "{body}");
 }
+
+#[tokio::test]
+async fn dot_segments_are_refused_before_any_upstream_sees_them() {
+    let s = Setup::new("delay = \"15m\"").await;
+    for path in ["/studio-media/../other/key", "/studio-media/%2e%2E/other/key", "/studio-media/./key"] {
+        let req = format!("PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let resp = raw(s.proxy.addr, &req).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{path}: {resp}");
+        assert!(resp.contains("<Code>InvalidRequest</Code>"), "{resp}");
+    }
+    assert_eq!(s.primary.store.hits() + s.replica.store.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_user_header_sent_twice_is_not_believed() {
+    let s = Setup::new("delay = \"15m\"").await;
+    s.media("a.mov", true, OLD);
+    // The client sent "alice"; the trusted gateway appended the real user, "carol".
+    let resp = s
+        .client
+        .get(s.url(&obj("a.mov")))
+        .header("x-forwarded-user", "alice")
+        .header("x-forwarded-user", "carol")
+        .send()
+        .await
+        .unwrap();
+    let a = Answer::from(resp).await;
+    assert_eq!((a.reason.as_str(), a.body.as_str()), ("mode-no", "primary:a.mov"), "anonymous, not alice");
+}
+
+#[tokio::test]
+async fn hop_by_hop_response_headers_do_not_reach_the_client() {
+    let primary = serve_fn(loopback0(), |_req| async move {
+        let mut r = http::Response::new(full("body"));
+        r.headers_mut().insert("connection", "x-upstream-secret".parse().unwrap());
+        r.headers_mut().insert("x-upstream-secret", "1".parse().unwrap());
+        r.headers_mut().insert("keep-alive", "timeout=5".parse().unwrap());
+        r.headers_mut().insert("x-amz-request-id", "abc".parse().unwrap());
+        r
+    })
+    .await;
+    let replica = status_server(200).await;
+    let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"0s\"", "")).await;
+    let a = get_via(proxy.addr, &obj("a.mov"), "carol").await;
+    assert_eq!(a.body, "body");
+    assert!(a.headers.get("x-upstream-secret").is_none());
+    assert!(a.headers.get("keep-alive").is_none());
+    assert_eq!(a.headers["x-amz-request-id"], "abc");
+}
