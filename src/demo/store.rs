@@ -76,19 +76,21 @@ pub struct StoreServer {
     pub addr: SocketAddr,
     /// What it serves.
     pub store: Arc<Store>,
+    stop: tokio::sync::watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl StoreServer {
-    /// Stops accepting connections (open connections are dropped with the task).
+    /// Stops listening and drops every open connection, like a crashed server.
     pub fn stop(&self) {
+        let _ = self.stop.send(true);
         self.task.abort();
     }
 }
 
 impl Drop for StoreServer {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
     }
 }
 
@@ -97,22 +99,27 @@ pub async fn serve(addr: SocketAddr, store: Arc<Store>) -> std::io::Result<Store
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let st = Arc::clone(&store);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
+            let Ok((stream, _)) = listener.accept().await else { continue };
             let st = Arc::clone(&st);
+            let mut stopped = stopped.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let st = Arc::clone(&st);
                     async move { Ok::<_, Infallible>(handle(&st, req).await) }
                 });
-                let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = stopped.wait_for(|s| *s) => {}
+                }
             });
         }
     });
-    Ok(StoreServer { addr, store, task })
+    Ok(StoreServer { addr, store, stop, task })
 }
 
 type Resp = Response<Full<Bytes>>;

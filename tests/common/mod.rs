@@ -88,9 +88,14 @@ impl Setup {
 
     /// Like `new`, with extra config tables after `[users]`.
     pub async fn with_tail(replication: &str, tail: &str) -> Setup {
+        Setup::with_config(|p, r| config_text(p, r, replication, tail)).await
+    }
+
+    /// Stores on port 0 and the proxy on the config `text(primary, replica)` returns.
+    pub async fn with_config(text: impl FnOnce(SocketAddr, SocketAddr) -> String) -> Setup {
         let primary = store::serve(loopback0(), Store::new("primary")).await.unwrap();
         let replica = store::serve(loopback0(), Store::new("replica")).await.unwrap();
-        let proxy = start_proxy(&config_text(primary.addr, replica.addr, replication, tail)).await;
+        let proxy = start_proxy(&text(primary.addr, replica.addr)).await;
         Setup { primary, replica, proxy, client: client() }
     }
 
@@ -260,6 +265,7 @@ pub fn pattern_body(len: u64, alive: Arc<AtomicUsize>) -> TestBody {
 pub struct ProxyProcess {
     pub child: std::process::Child,
     pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
     /// Every stderr line so far (logs, including the access log).
     pub log: Arc<std::sync::Mutex<Vec<String>>>,
     /// The config file it runs on (rewrite it, then send SIGHUP).
@@ -270,6 +276,11 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Writes `config` to a temporary file and starts `mediaroute run` on it.
     pub fn spawn(config: &str) -> ProxyProcess {
+        ProxyProcess::spawn_with_env(config, &[])
+    }
+
+    /// Like `spawn`, with extra environment variables.
+    pub fn spawn_with_env(config: &str, env: &[(&str, &std::ffi::OsStr)]) -> ProxyProcess {
         use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mediaroute.toml");
@@ -278,6 +289,7 @@ impl ProxyProcess {
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -288,14 +300,22 @@ impl ProxyProcess {
         let sink = Arc::clone(&log);
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening addr=").nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
+                if let Some(addr) = listen_addr(&line) {
+                    let _ = tx.send((line.contains("admin listening"), addr));
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("proxy reports its address");
-        ProxyProcess { child, addr: addr.parse().unwrap(), log, config_path: path, _dir: dir }
+        let mut addr = None;
+        let mut admin = None;
+        // The admin listener (if any) reports before the proxy listener.
+        while addr.is_none() {
+            let (is_admin, a) = rx.recv_timeout(Duration::from_secs(30)).expect("proxy reports its address");
+            let a: SocketAddr = a.parse().unwrap();
+            if is_admin { admin = Some(a) } else { addr = Some(a) }
+        }
+        let addr = addr.unwrap();
+        ProxyProcess { child, addr, admin, log, config_path: path, _dir: dir }
     }
 
     /// Sends a signal (`HUP`, `TERM`, ...) to the process.
@@ -345,4 +365,32 @@ impl Drop for ProxyProcess {
 pub async fn get_via(proxy: SocketAddr, path: &str, user: &str) -> Answer {
     let resp = client().get(format!("http://{proxy}{path}")).header("x-forwarded-user", user).send().await.unwrap();
     Answer::from(resp).await
+}
+
+/// Fetches an admin endpoint; (status, body).
+pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    let resp = client().get(format!("http://{admin}{path}")).send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// The value of one sample line in a metrics exposition (`name{labels}` exactly), or 0.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Adds an admin listener on a free port to a config text.
+pub fn with_admin(text: &str) -> String {
+    text.replace("[listen]\naddr = \"127.0.0.1:0\"", "[listen]\naddr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"")
+}
+
+/// The address in a "listening" log line, text (`addr=...`) or JSON (`"addr":"..."`).
+fn listen_addr(line: &str) -> Option<String> {
+    if !line.contains("listening") {
+        return None;
+    }
+    let rest = line.split("addr=").nth(1).or_else(|| line.split("\"addr\":\"").nth(1))?;
+    Some(rest.split(|c: char| c == '"' || c.is_whitespace()).next()?.to_string())
 }
