@@ -1,0 +1,359 @@
+#!/usr/bin/env bash
+# Side-by-side load comparison: mediaroute vs nginx vs HAProxy doing the same routing,
+# in front of the same two origins, measured in one run, interleaved and repeated.
+#
+#   bash benches/compare/run.sh            # full run (about 15 minutes)
+#   ROUNDS=1 DURATION=5 bash benches/compare/run.sh   # quick look
+#
+# Needs: nginx, haproxy, wrk, curl, python3 (installed from Debian's packages if missing,
+# when run as root). Every process it starts is stopped by PID on exit.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT="$PWD"
+ROUNDS="${ROUNDS:-3}"
+DURATION="${DURATION:-10}"
+SLOW_CLIENTS="${SLOW_CLIENTS:-1000}"
+WORK="$(mktemp -d /tmp/mediaroute-compare.XXXXXX)"
+chmod 755 "$WORK"   # nginx workers run as www-data
+PIDS=()
+
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    sleep 0.5
+    for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need nginx || ! need haproxy || ! need wrk || ! need curl || ! need python3; then
+    echo "installing nginx-light haproxy wrk curl python3 from Debian's packages"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light haproxy wrk curl python3 >/dev/null
+fi
+PATH="$PATH:/usr/sbin"
+
+# CPU 0: the proxy under test. CPU 1: origins and load generator (same for every proxy).
+PROXY_CPU=0
+LOAD_CPU=$(( $(nproc) > 1 ? 1 : 0 ))
+
+P1=19101; P2=19102          # origins: primary, replica
+MR=19181; NG=19182; NGD=19184; HA=19183
+
+echo "== building mediaroute (release)"
+cargo build --release --quiet
+MEDIAROUTE="$ROOT/target/release/mediaroute"
+
+echo "== preparing origin data in $WORK"
+for side in primary replica; do
+    # Path-style S3 layout: /{bucket}/{key}.
+    mkdir -p "$WORK/$side/media"
+    head -c 4096 /dev/urandom > "$WORK/$side/media/4k.bin"
+    head -c $((1 << 20)) /dev/urandom > "$WORK/$side/media/1m.bin"
+    truncate -s 1G "$WORK/$side/media/1g.bin"
+    echo "$side" > "$WORK/$side/media/check.txt"
+done
+
+cat > "$WORK/origin.conf" <<EOF
+worker_processes 1;
+pid $WORK/origin.pid;
+error_log $WORK/origin-error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    sendfile on; tcp_nopush on;
+    keepalive_requests 1000000;
+    server { listen 127.0.0.1:$P1 backlog=4096; root $WORK/primary; add_header X-Origin primary always; }
+    server { listen 127.0.0.1:$P2 backlog=4096; root $WORK/replica; add_header X-Origin replica always; }
+}
+EOF
+
+cat > "$WORK/mediaroute.toml" <<EOF
+[listen]
+addr = "127.0.0.1:$MR"
+[identity]
+trusted_proxies = ["127.0.0.0/8"]
+[primary]
+url = "http://127.0.0.1:$P1"
+[replica]
+url = "http://127.0.0.1:$P2"
+[replication]
+default_mode = "no"
+networks = ["10.20.0.0/16"]
+delay = "0s"
+fallback = true
+[users]
+alice = "yes"
+bob = "auto"
+carol = "no"
+[limits]
+max_connections = 8000
+[health]
+interval = "1h"
+[log]
+level = "warn"
+EOF
+
+# nginx with the same routing: realip (recursive), geo for the networks, map for users.
+nginx_server() { # port, extra directives
+    cat <<EOF
+    server {
+        listen 127.0.0.1:$1 backlog=4096;
+        location / {
+            proxy_pass http://\$pool;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-User "";
+            $2
+        }
+    }
+EOF
+}
+cat > "$WORK/nginx.conf" <<EOF
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+worker_rlimit_nofile 20000;
+events { worker_connections 8000; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    upstream primary { server 127.0.0.1:$P1; keepalive 128; }
+    upstream replica { server 127.0.0.1:$P2; keepalive 128; }
+    set_real_ip_from 127.0.0.0/8;
+    real_ip_header X-Forwarded-For;
+    real_ip_recursive on;
+    geo \$inside { default 0; 10.20.0.0/16 1; }
+    map \$http_x_forwarded_user \$mode { default no; alice yes; bob auto; carol no; }
+    map "\$request_method:\$mode:\$inside" \$pool {
+        default primary;
+        ~^(GET|HEAD):yes: replica;
+        ~^(GET|HEAD):auto:1\$ replica;
+    }
+$(nginx_server $NG "proxy_buffer_size 64k; proxy_buffers 8 64k;")
+$(nginx_server $NGD "")
+}
+EOF
+
+printf 'alice yes\nbob auto\ncarol no\n' > "$WORK/users.map"
+printf '10.20.0.0/16\n' > "$WORK/networks.lst"
+cat > "$WORK/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 5000
+    pidfile $WORK/haproxy.pid
+defaults
+    mode http
+    timeout connect 3s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:$HA
+    http-request set-src hdr_ip(x-forwarded-for,-1) if { src 127.0.0.0/8 } { req.hdr(x-forwarded-for) -m found }
+    http-request set-var(txn.mode) req.hdr(x-forwarded-user),map($WORK/users.map,no)
+    http-request del-header x-forwarded-user
+    acl read method GET HEAD
+    acl yes var(txn.mode) -m str yes
+    acl auto var(txn.mode) -m str auto
+    acl inside src -f $WORK/networks.lst
+    use_backend replica if read yes
+    use_backend replica if read auto inside
+    default_backend primary
+backend primary
+    server p 127.0.0.1:$P1 maxconn 0
+backend replica
+    server r 127.0.0.1:$P2 maxconn 0
+EOF
+
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+start() { # name, cpu, command...
+    local name="$1" cpu="$2"; shift 2
+    taskset -c "$cpu" "$@" > "$WORK/$name.out" 2>&1 &
+    PIDS+=("$!")
+}
+echo "== starting origins, mediaroute, nginx, haproxy"
+start origin "$LOAD_CPU" nginx -c "$WORK/origin.conf" -g "daemon off;"
+start mediaroute "$PROXY_CPU" "$MEDIAROUTE" run --config "$WORK/mediaroute.toml"
+start nginx "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -g "daemon off;"
+start haproxy "$PROXY_CPU" haproxy -f "$WORK/haproxy.cfg" -db
+sleep 1.5
+for port in $P1 $P2 $MR $NG $NGD $HA; do
+    curl -sf -o /dev/null "http://127.0.0.1:$port/media/check.txt" || { echo "port $port is not serving"; tail "$WORK"/*.out "$WORK"/*.log; ls -la "$WORK" "$WORK/primary"; exit 1; }
+done
+
+# Process ids per target, for CPU and memory accounting (master and workers).
+tree_pids() { local p="$1"; echo "$p"; pgrep -P "$p" 2>/dev/null || true; }
+declare -A PID_OF=( [mediaroute]="${PIDS[1]}" [nginx-64k]="${PIDS[2]}" [nginx-default]="${PIDS[2]}" [haproxy]="${PIDS[3]}" [direct]="${PIDS[0]}" )
+declare -A PORT_OF=( [mediaroute]=$MR [nginx-64k]=$NG [nginx-default]=$NGD [haproxy]=$HA [direct]=$P2 )
+TARGETS=(direct mediaroute nginx-64k nginx-default haproxy)
+PROXIES=(mediaroute nginx-64k nginx-default haproxy)
+TICK=$(getconf CLK_TCK)
+cpu_ticks() { # sum utime+stime of a process tree
+    local total=0
+    for p in $(tree_pids "$1"); do
+        [ -r "/proc/$p/stat" ] || continue
+        total=$(( total + $(awk '{print $14 + $15}' "/proc/$p/stat") ))
+    done
+    echo "$total"
+}
+rss_kib() {
+    local total=0
+    for p in $(tree_pids "$1"); do
+        [ -r "/proc/$p/status" ] || continue
+        total=$(( total + $(awk '/^VmRSS:/ {print $2}' "/proc/$p/status") ))
+    done
+    echo "$total"
+}
+
+echo "== routing check: every proxy must send each request to the same origin"
+check_cases=(
+    "alice||GET" "alice|198.51.100.1|GET" "bob|10.20.3.4|GET" "bob|198.51.100.1|GET"
+    "carol|10.20.3.4|GET" "|10.20.3.4|GET" "zed||GET" "alice||PUT" "bob|10.20.3.4, 198.51.100.2|GET"
+)
+printf '%-34s %-10s %-10s %-14s %-10s\n' "user|xff|method" mediaroute nginx-64k nginx-default haproxy
+mismatch=0
+for c in "${check_cases[@]}"; do
+    IFS='|' read -r user xff method <<< "$c"
+    row=()
+    for t in "${PROXIES[@]}"; do
+        args=(-s -o /dev/null -D - -X "$method" "http://127.0.0.1:${PORT_OF[$t]}/media/check.txt")
+        [ -n "$user" ] && args+=(-H "X-Forwarded-User: $user")
+        [ -n "$xff" ] && args+=(-H "X-Forwarded-For: $xff")
+        # Every origin answer, errors included, names its side in X-Origin.
+        body=$(curl "${args[@]}" 2>/dev/null | tr -d '\r' | awk -F': ' 'tolower($1) == "x-origin" {print $2}')
+        row+=("$body")
+    done
+    printf '%-34s %-10s %-10s %-14s %-10s\n' "$c" "${row[@]}"
+    for r in "${row[@]}"; do [ "$r" = "${row[0]}" ] || mismatch=1; done
+done
+[ "$mismatch" = 0 ] || { echo "routing differs between proxies: stop"; exit 1; }
+
+cat > "$WORK/alice.lua" <<'EOF'
+wrk.headers["X-Forwarded-User"] = "alice"
+EOF
+
+# Results: one line per measurement, "metric target value".
+RESULTS="$WORK/results.txt"
+: > "$RESULTS"
+record() { echo "$1 $2 $3" >> "$RESULTS"; }
+
+run_wrk() { # target, path, connections -> records rps, p99_ms, mbps, cpu_us_per_req
+    local t="$1" path="$2" conns="$3" tag="$4"
+    local pid="${PID_OF[$t]}" before after out
+    before=$(cpu_ticks "$pid")
+    # Direct runs give the load generator the proxy's idle CPU, so both sides have two.
+    local cpu="$LOAD_CPU"; [ "$t" = direct ] && cpu="$PROXY_CPU"
+    out=$(taskset -c "$cpu" wrk -t1 -c"$conns" -d"${DURATION}s" --latency -s "$WORK/alice.lua" "http://127.0.0.1:${PORT_OF[$t]}$path")
+    after=$(cpu_ticks "$pid")
+    local rps p99 reqs mbps errors
+    rps=$(awk '/^Requests\/sec/ {print $2}' <<< "$out")
+    reqs=$(awk '/requests in/ {print $1}' <<< "$out")
+    p99=$(awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; print v}' <<< "$out")
+    mbps=$(awk '/^Transfer\/sec/ {v=$2; if (v ~ /GB$/) {sub(/GB/,"",v); v*=1024} else if (v ~ /MB$/) {sub(/MB/,"",v)} else if (v ~ /KB$/) {sub(/KB/,"",v); v/=1024}; print v}' <<< "$out")
+    errors=$(awk '/Non-2xx|Socket errors/ {print}' <<< "$out")
+    [ -z "$errors" ] || echo "   $t $tag: $errors"
+    record "${tag}_rps" "$t" "$rps"
+    record "${tag}_p99_ms" "$t" "$p99"
+    record "${tag}_MiBps" "$t" "$mbps"
+    if [ "$t" != direct ]; then
+        record "${tag}_cpu_us_per_req" "$t" "$(awk -v d=$((after - before)) -v n="$reqs" -v tk="$TICK" 'BEGIN {printf "%.2f", d / tk * 1e6 / n}')"
+    fi
+}
+
+run_big() { # target: one 1 GiB download -> MiB/s and CPU seconds per GiB
+    local t="$1" pid="${PID_OF[$1]}" before after speed
+    before=$(cpu_ticks "$pid")
+    local cpu="$LOAD_CPU"; [ "$t" = direct ] && cpu="$PROXY_CPU"
+    speed=$(taskset -c "$cpu" curl -s -o /dev/null -H "X-Forwarded-User: alice" -w '%{speed_download}' "http://127.0.0.1:${PORT_OF[$t]}/media/1g.bin")
+    after=$(cpu_ticks "$pid")
+    record "1GiB_MiBps" "$t" "$(awk -v s="$speed" 'BEGIN {printf "%.1f", s / 1048576}')"
+    if [ "$t" != direct ]; then
+        record "1GiB_cpu_s_per_GiB" "$t" "$(awk -v d=$((after - before)) -v tk="$TICK" 'BEGIN {printf "%.3f", d / tk}')"
+    fi
+}
+
+cat > "$WORK/slow.py" <<'EOF'
+# Opens N connections, each downloading the 1 GiB object slowly (16 KiB per 200 ms),
+# holds them for HOLD seconds, then exits.
+import asyncio, sys
+port, n, hold = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+async def one():
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET /media/1g.bin HTTP/1.1\r\nHost: x\r\nX-Forwarded-User: alice\r\n\r\n")
+        await w.drain()
+        while True:
+            await r.read(16384)
+            await asyncio.sleep(0.2)
+    except Exception:
+        pass
+async def main():
+    tasks = [asyncio.create_task(one()) for _ in range(n)]
+    await asyncio.sleep(hold)
+    for t in tasks: t.cancel()
+asyncio.run(main())
+EOF
+
+run_slow() { # target: RSS with SLOW_CLIENTS slow downloads in flight
+    local t="$1" pid="${PID_OF[$1]}" peak=0 r
+    taskset -c "$LOAD_CPU" python3 "$WORK/slow.py" "${PORT_OF[$t]}" "$SLOW_CLIENTS" 12 &
+    local spid=$!
+    for _ in $(seq 1 10); do
+        sleep 1
+        r=$(rss_kib "$pid"); [ "$r" -gt "$peak" ] && peak=$r
+    done
+    wait "$spid" || true
+    record "slow${SLOW_CLIENTS}_rss_MiB" "$t" "$(awk -v k="$peak" 'BEGIN {printf "%.1f", k / 1024}')"
+    sleep 2
+}
+
+for round in $(seq 1 "$ROUNDS"); do
+    echo "== round $round of $ROUNDS"
+    for t in "${TARGETS[@]}"; do
+        echo " - $t"
+        run_wrk "$t" /media/4k.bin 64 4KiB
+        run_wrk "$t" /media/1m.bin 8 1MiB
+        run_big "$t"
+    done
+    for t in "${PROXIES[@]}"; do
+        run_slow "$t"
+    done
+done
+
+echo
+echo "== results: median of $ROUNDS rounds (min-max), ratios against direct and the best peer"
+python3 - "$RESULTS" <<'EOF'
+import statistics, sys, collections
+vals = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    m, t, v = line.split()
+    try:
+        vals[(m, t)].append(float(v))
+    except ValueError:
+        pass
+metrics = sorted({m for m, _ in vals}, key=lambda m: (m.split("_")[0], m))
+targets = ["direct", "mediaroute", "nginx-64k", "nginx-default", "haproxy"]
+higher_is_better = lambda m: m.endswith("rps") or m.endswith("MiBps")
+print(f"| metric | {' | '.join(targets)} | mediaroute vs direct | mediaroute vs best peer |")
+print("|" + "---|" * (len(targets) + 3))
+for m in metrics:
+    cells, med = [], {}
+    for t in targets:
+        xs = vals.get((m, t))
+        if not xs:
+            cells.append("")
+            continue
+        med[t] = statistics.median(xs)
+        cells.append(f"{med[t]:.4g} ({min(xs):.4g}-{max(xs):.4g})" if len(xs) > 1 else f"{med[t]:.4g}")
+    mr = med.get("mediaroute")
+    vs_direct = f"{mr / med['direct']:.2f}" if mr and med.get("direct") else ""
+    peers = [med[t] for t in ("nginx-64k", "nginx-default", "haproxy") if t in med]
+    vs_peer = ""
+    if mr is not None and peers:
+        best = max(peers) if higher_is_better(m) else min(peers)
+        vs_peer = f"{mr / best:.2f}" if best else ""
+    print(f"| {m} | {' | '.join(cells)} | {vs_direct} | {vs_peer} |")
+print()
+print("Higher is better for rps and MiBps; lower for p99, CPU and RSS. Ratios are mediaroute / other.")
+EOF
