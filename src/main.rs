@@ -12,6 +12,11 @@ use mediaroute::config::{self, Config};
 use mediaroute::{demo, duration, explain, reload, server};
 use sd_notify::NotifyState;
 
+// glibc malloc showed up at ~6% of CPU per small request, and fragments under many
+// concurrent downloads; mimalloc is faster and returns memory more readily.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Streaming reverse proxy that serves studio media from the S3 replica region when allowed.
 #[derive(Parser)]
 #[command(version, about)]

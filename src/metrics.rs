@@ -1,5 +1,6 @@
 //! The metrics registry: names and labels are part of the contract (DESIGN.md section 5).
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -19,8 +20,10 @@ type Labels<const N: usize> = [(&'static str, &'static str); N];
 pub struct Metrics {
     registry: Registry,
     requests: Family<Labels<3>, Counter>,
-    response_bytes: Family<Labels<1>, Counter>,
-    upstream_duration: Family<Labels<1>, Histogram>,
+    /// Handles into `requests`, made on first use, so counting is a lookup by index.
+    request_handles: Box<[OnceLock<Counter>]>,
+    /// Per upstream (primary, replica, none): response bytes and durations.
+    per_upstream: [(Counter, Histogram); 3],
     fallbacks: Counter,
     reloads: Family<Labels<1>, Counter>,
     generation: Gauge,
@@ -63,11 +66,22 @@ impl Metrics {
         registry.register("config_reloads", "Configuration reloads by result", reloads.clone());
         registry.register("config_generation", "Generation of the routing table in use", generation.clone());
         registry.register("upstream_up", "1 when the upstream is considered up", upstream_up.clone());
+        let per_upstream = ["primary", "replica", "none"].map(|u| {
+            let bytes = response_bytes.get_or_create(&[("upstream", u)]).clone();
+            // Refused requests reached no upstream: their duration is not an upstream's.
+            let duration = if u == "none" {
+                duration_histogram()
+            } else {
+                upstream_duration.get_or_create(&[("upstream", u)]).clone()
+            };
+            (bytes, duration)
+        });
+        let request_handles = (0..UPSTREAMS * REASONS * CLASSES).map(|_| OnceLock::new()).collect();
         let m = Metrics {
             registry,
             requests,
-            response_bytes,
-            upstream_duration,
+            request_handles,
+            per_upstream,
             fallbacks,
             reloads,
             generation,
@@ -75,7 +89,6 @@ impl Metrics {
         };
         for u in [Upstream::Primary, Upstream::Replica] {
             m.set_up(u, true);
-            m.response_bytes.get_or_create(&[("upstream", u.as_str())]).inc_by(0);
         }
         for r in ["ok", "error"] {
             m.reloads.get_or_create(&[("result", r)]).inc_by(0);
@@ -85,16 +98,26 @@ impl Metrics {
 
     /// Counts one finished request.
     pub fn request(&self, upstream: Option<Upstream>, reason: Option<Reason>, status: u16, bytes: u64, took: Duration) {
-        let up = upstream.map_or("none", Upstream::as_str);
-        let labels = [
-            ("upstream", up),
-            ("reason", reason.map_or("refused", Reason::as_str)),
-            ("status_class", status_class(status)),
-        ];
-        self.requests.get_or_create(&labels).inc();
-        self.response_bytes.get_or_create(&[("upstream", up)]).inc_by(bytes);
+        let u = match upstream {
+            Some(Upstream::Primary) => 0,
+            Some(Upstream::Replica) => 1,
+            None => 2,
+        };
+        let r = reason.map_or(REASONS - 1, |r| Reason::ALL.iter().position(|x| *x == r).unwrap_or(0));
+        let c = class_index(status);
+        let handle = self.request_handles[(u * REASONS + r) * CLASSES + c].get_or_init(|| {
+            let labels = [
+                ("upstream", ["primary", "replica", "none"][u]),
+                ("reason", reason.map_or("refused", Reason::as_str)),
+                ("status_class", CLASS_NAMES[c]),
+            ];
+            self.requests.get_or_create(&labels).clone()
+        });
+        handle.inc();
+        let (bytes_sent, duration) = &self.per_upstream[u];
+        bytes_sent.inc_by(bytes);
         if upstream.is_some() {
-            self.upstream_duration.get_or_create(&[("upstream", up)]).observe(took.as_secs_f64());
+            duration.observe(took.as_secs_f64());
         }
         if reason == Some(Reason::Fallback) {
             self.fallbacks.inc();
@@ -129,13 +152,19 @@ impl Metrics {
     }
 }
 
-fn status_class(status: u16) -> &'static str {
+const UPSTREAMS: usize = 3;
+/// Every reason plus `refused`.
+const REASONS: usize = Reason::ALL.len() + 1;
+const CLASSES: usize = 5;
+const CLASS_NAMES: [&str; CLASSES] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn class_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 

@@ -17,6 +17,9 @@ use crate::metrics::Metrics;
 use crate::reload::Tables;
 use crate::table::Upstream;
 
+/// Largest read buffer per upstream connection.
+const UPSTREAM_READ_BUF: usize = 64 * 1024;
+
 /// One keep-alive pool shared by both upstreams (connections are keyed by host).
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, ReqBody>;
 
@@ -40,6 +43,9 @@ pub fn build_client(cfg: &Config) -> HttpClient {
     };
     let https = builder.https_or_http().enable_http1().wrap_connector(http);
     Client::builder(TokioExecutor::new())
+        // Caps what one upstream read may buffer: a slow client then holds at most this
+        // much of its download in the proxy (the default lets it grow to ~400 KiB).
+        .http1_max_buf_size(UPSTREAM_READ_BUF)
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256)

@@ -4,6 +4,7 @@
 #
 #   bash benches/compare/run.sh            # full run (about 15 minutes)
 #   ROUNDS=1 DURATION=5 bash benches/compare/run.sh   # quick look
+#   ONLY="direct mediaroute" TESTS="4k slow" bash benches/compare/run.sh   # a subset
 #
 # Needs: nginx, haproxy, wrk, curl, python3 (installed from Debian's packages if missing,
 # when run as root). Every process it starts is stopped by PID on exit.
@@ -188,6 +189,12 @@ declare -A PID_OF=( [mediaroute]="${PIDS[1]}" [nginx-64k]="${PIDS[2]}" [nginx-de
 declare -A PORT_OF=( [mediaroute]=$MR [nginx-64k]=$NG [nginx-default]=$NGD [haproxy]=$HA [direct]=$P2 )
 TARGETS=(direct mediaroute nginx-64k nginx-default haproxy)
 PROXIES=(mediaroute nginx-64k nginx-default haproxy)
+if [ -n "${ONLY:-}" ]; then
+    read -r -a TARGETS <<< "$ONLY"
+    PROXIES=(); for t in "${TARGETS[@]}"; do [ "$t" = direct ] || PROXIES+=("$t"); done
+fi
+TESTS="${TESTS:-4k 1m 1g slow}"
+want() { [[ " $TESTS " == *" $1 "* ]]; }
 TICK=$(getconf CLK_TCK)
 cpu_ticks() { # sum utime+stime of a process tree
     local total=0
@@ -253,25 +260,19 @@ run_wrk() { # target, path, connections -> records rps, p99_ms, mbps, cpu_us_per
     mbps=$(awk '/^Transfer\/sec/ {v=$2; if (v ~ /GB$/) {sub(/GB/,"",v); v*=1024} else if (v ~ /MB$/) {sub(/MB/,"",v)} else if (v ~ /KB$/) {sub(/KB/,"",v); v/=1024}; print v}' <<< "$out")
     errors=$(awk '/Non-2xx|Socket errors/ {print}' <<< "$out")
     [ -z "$errors" ] || echo "   $t $tag: $errors"
-    record "${tag}_rps" "$t" "$rps"
-    record "${tag}_p99_ms" "$t" "$p99"
     record "${tag}_MiBps" "$t" "$mbps"
-    if [ "$t" != direct ]; then
+    if [ "$tag" != 1GiB ]; then
+        record "${tag}_rps" "$t" "$rps"
+        record "${tag}_p99_ms" "$t" "$p99"
+    fi
+    if [ "$t" != direct ] && [ "$tag" = 1GiB ]; then
+        # CPU seconds per GiB moved.
+        record "1GiB_cpu_s_per_GiB" "$t" "$(awk -v d=$((after - before)) -v m="$mbps" -v s="$DURATION" -v tk="$TICK" 'BEGIN {printf "%.3f", (d / tk) / (m * s / 1024)}')"
+    elif [ "$t" != direct ]; then
         record "${tag}_cpu_us_per_req" "$t" "$(awk -v d=$((after - before)) -v n="$reqs" -v tk="$TICK" 'BEGIN {printf "%.2f", d / tk * 1e6 / n}')"
     fi
 }
 
-run_big() { # target: one 1 GiB download -> MiB/s and CPU seconds per GiB
-    local t="$1" pid="${PID_OF[$1]}" before after speed
-    before=$(cpu_ticks "$pid")
-    local cpu="$LOAD_CPU"; [ "$t" = direct ] && cpu="$PROXY_CPU"
-    speed=$(taskset -c "$cpu" curl -s -o /dev/null -H "X-Forwarded-User: alice" -w '%{speed_download}' "http://127.0.0.1:${PORT_OF[$t]}/media/1g.bin")
-    after=$(cpu_ticks "$pid")
-    record "1GiB_MiBps" "$t" "$(awk -v s="$speed" 'BEGIN {printf "%.1f", s / 1048576}')"
-    if [ "$t" != direct ]; then
-        record "1GiB_cpu_s_per_GiB" "$t" "$(awk -v d=$((after - before)) -v tk="$TICK" 'BEGIN {printf "%.3f", d / tk}')"
-    fi
-}
 
 cat > "$WORK/slow.py" <<'EOF'
 # Opens N connections, each downloading the 1 GiB object slowly (16 KiB per 200 ms),
@@ -312,13 +313,13 @@ for round in $(seq 1 "$ROUNDS"); do
     echo "== round $round of $ROUNDS"
     for t in "${TARGETS[@]}"; do
         echo " - $t"
-        run_wrk "$t" /media/4k.bin 64 4KiB
-        run_wrk "$t" /media/1m.bin 8 1MiB
-        run_big "$t"
+        if want 4k; then run_wrk "$t" /media/4k.bin 64 4KiB; fi
+        if want 1m; then run_wrk "$t" /media/1m.bin 8 1MiB; fi
+        if want 1g; then run_wrk "$t" /media/1g.bin 1 1GiB; fi
     done
-    for t in "${PROXIES[@]}"; do
-        run_slow "$t"
-    done
+    if want slow; then
+        for t in "${PROXIES[@]}"; do run_slow "$t"; done
+    fi
 done
 
 echo
