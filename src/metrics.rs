@@ -77,16 +77,8 @@ impl Metrics {
             (bytes, duration)
         });
         let request_handles = (0..UPSTREAMS * REASONS * CLASSES).map(|_| OnceLock::new()).collect();
-        let m = Metrics {
-            registry,
-            requests,
-            request_handles,
-            per_upstream,
-            fallbacks,
-            reloads,
-            generation,
-            upstream_up,
-        };
+        let m =
+            Metrics { registry, requests, request_handles, per_upstream, fallbacks, reloads, generation, upstream_up };
         for u in [Upstream::Primary, Upstream::Replica] {
             m.set_up(u, true);
         }

@@ -251,7 +251,7 @@ run_wrk() { # target, path, connections -> records rps, p99_ms, mbps, cpu_us_per
     before=$(cpu_ticks "$pid")
     # Direct runs give the load generator the proxy's idle CPU, so both sides have two.
     local cpu="$LOAD_CPU"; [ "$t" = direct ] && cpu="$PROXY_CPU"
-    out=$(taskset -c "$cpu" wrk -t1 -c"$conns" -d"${DURATION}s" --latency -s "$WORK/alice.lua" "http://127.0.0.1:${PORT_OF[$t]}$path")
+    out=$(taskset -c "$cpu" wrk -t1 -c"$conns" -d"${DURATION}s" --timeout 30s --latency -s "$WORK/alice.lua" "http://127.0.0.1:${PORT_OF[$t]}$path")
     after=$(cpu_ticks "$pid")
     local rps p99 reqs mbps errors
     rps=$(awk '/^Requests\/sec/ {print $2}' <<< "$out")

@@ -154,3 +154,15 @@ fn the_example_config_is_valid() {
     assert_eq!(cfg.users["dana"], Mode::Yes);
     assert_eq!(cfg.primary.bucket.as_deref(), Some("studio-media"));
 }
+
+#[test]
+fn durations_are_bounded_and_timeouts_positive() {
+    let errs = errors(&GOOD.replace("delay = \"15m\"", "delay = \"400d\""));
+    assert!(errs[0].contains("replication.delay: \"400d\" is too long: at most 365d"), "{}", errs[0]);
+    let errs = errors(&format!("{GOOD}\n[limits]\nupstream_header_timeout = \"0s\"\n[health]\ninterval = \"0s\"\n"));
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs[0].contains("limits.upstream_header_timeout: must be more than 0s"), "{}", errs[0]);
+    assert!(errs[1].contains("health.interval: must be more than 0s"), "{}", errs[1]);
+    let errs = errors(&format!("{GOOD}\n[limits]\nmax_header_size = 1024\n"));
+    assert!(errs[0].contains("limits.max_header_size: 1024 is too small"), "{}", errs[0]);
+}

@@ -437,7 +437,7 @@ impl Validator<'_> {
             max_connections: max_connections?,
             header_read_timeout: header_read?,
             max_header_size: header_size.filter(|s| *s >= MIN_HEADER_SIZE)?,
-            idle_timeout: idle?.max(Duration::from_millis(1)),
+            idle_timeout: idle?,
             upstream_connect_timeout: connect?,
             upstream_header_timeout: upstream_header?,
             age_probe_timeout: probe?,
@@ -477,13 +477,7 @@ impl Validator<'_> {
                 self.err_nowhere(key, "must be more than 0s");
             }
         }
-        Some(Health {
-            interval: interval.filter(|d| !d.is_zero())?,
-            timeout: timeout.filter(|d| !d.is_zero())?,
-            path: path?,
-            rise: rise?,
-            fall: fall?,
-        })
+        Some(Health { interval: interval?, timeout: timeout?, path: path?, rise: rise?, fall: fall? })
     }
 
     fn log(&mut self, raw: RawLog) -> Option<Log> {

@@ -310,7 +310,12 @@ impl ProxyProcess {
         let mut admin = None;
         // The admin listener (if any) reports before the proxy listener.
         while addr.is_none() {
-            let (is_admin, a) = rx.recv_timeout(Duration::from_secs(30)).expect("proxy reports its address");
+            let Ok((is_admin, a)) = rx.recv_timeout(Duration::from_secs(30)) else {
+                // Never leave an orphan proxy behind a failed test.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the proxy did not report its address; log: {:?}", log.lock().unwrap());
+            };
             let a: SocketAddr = a.parse().unwrap();
             if is_admin { admin = Some(a) } else { addr = Some(a) }
         }
