@@ -202,7 +202,11 @@ fn run_demo(path: Option<&Path>) -> anyhow::Result<()> {
         watch_reloads(&d.proxy);
         println!("mediaroute demo: proxy on http://{}", d.proxy.addr);
         println!("  primary upstream on http://{} (bucket studio-media)", d.primary.addr);
-        println!("  replica upstream on http://{} (bucket studio-media-replica)\n", d.replica.addr);
+        println!("  replica upstream on http://{} (bucket studio-media-replica)", d.replica.addr);
+        if let Some(admin) = d.proxy.admin_addr {
+            println!("  admin on http://{admin} (/metrics /healthz /readyz /config)");
+        }
+        println!();
         println!("Try these (answers below each were just fetched):\n");
         print!("{}", d.tour().await);
         println!("Press Ctrl-C to stop.");
