@@ -336,8 +336,10 @@ for line in open(sys.argv[1]):
 metrics = sorted({m for m, _ in vals}, key=lambda m: (m.split("_")[0], m))
 targets = ["direct", "mediaroute", "nginx-64k", "nginx-default", "haproxy"]
 higher_is_better = lambda m: m.endswith("rps") or m.endswith("MiBps")
-print(f"| metric | {' | '.join(targets)} | mediaroute vs direct | mediaroute vs best peer |")
-print("|" + "---|" * (len(targets) + 3))
+peers_all = ["nginx-64k", "nginx-default", "haproxy"]
+ratio_cols = ["direct"] + peers_all
+print(f"| metric | {' | '.join(targets)} | " + " | ".join(f"mediaroute / {t}" for t in ratio_cols) + " | mediaroute / best peer |")
+print("|" + "---|" * (len(targets) + len(ratio_cols) + 2))
 for m in metrics:
     cells, med = [], {}
     for t in targets:
@@ -348,13 +350,13 @@ for m in metrics:
         med[t] = statistics.median(xs)
         cells.append(f"{med[t]:.4g} ({min(xs):.4g}-{max(xs):.4g})" if len(xs) > 1 else f"{med[t]:.4g}")
     mr = med.get("mediaroute")
-    vs_direct = f"{mr / med['direct']:.2f}" if mr and med.get("direct") else ""
+    ratios = [f"{mr / med[t]:.2f}" if mr is not None and med.get(t) else "" for t in ratio_cols]
     peers = [med[t] for t in ("nginx-64k", "nginx-default", "haproxy") if t in med]
     vs_peer = ""
     if mr is not None and peers:
         best = max(peers) if higher_is_better(m) else min(peers)
         vs_peer = f"{mr / best:.2f}" if best else ""
-    print(f"| {m} | {' | '.join(cells)} | {vs_direct} | {vs_peer} |")
+    print(f"| {m} | {' | '.join(cells)} | {' | '.join(ratios)} | {vs_peer} |")
 print()
 print("Higher is better for rps and MiBps; lower for p99, CPU and RSS. Ratios are mediaroute / other.")
 EOF
