@@ -152,7 +152,7 @@ impl Proxy {
             object: route::is_object(parts.uri.path(), query),
             replica_down: self.upstreams.health(Upstream::Replica).is_down(),
         };
-        let out = outgoing(table, parts, peer);
+        let mut out = outgoing(table, parts, peer);
         let age =
             if route::needs_age(table, &ctx, &facts) { self.probe_age(table, &out).await } else { Age::NotProbed };
         let (upstream, reason) = route::decide(table, &ctx, &facts, age);
@@ -161,7 +161,9 @@ impl Proxy {
 
         let body = if read { ReqBody::Empty } else { ReqBody::Stream(body) };
         if upstream == Upstream::Replica {
-            let req = build_request(table, Upstream::Replica, &out, ReqBody::Empty)?;
+            // Keep a copy of the head only if the primary may still need it.
+            let headers = if table.fallback { out.headers.clone() } else { std::mem::take(&mut out.headers) };
+            let req = build_request(table, Upstream::Replica, &out, headers, ReqBody::Empty)?;
             let sent = self.upstreams.send(Upstream::Replica, req).await;
             let failure = match sent {
                 Ok(resp) if !table.fallback || !replica_missed(resp.status()) => {
@@ -180,10 +182,12 @@ impl Proxy {
             tracing::debug!(path = &*out.path, why = %failure, "replica missed; falling back to the primary");
             rec.upstream = Some(Upstream::Primary);
             rec.reason = Some(Reason::Fallback);
-            let req = build_request(table, Upstream::Primary, &out, ReqBody::Empty)?;
+            let headers = std::mem::take(&mut out.headers);
+            let req = build_request(table, Upstream::Primary, &out, headers, ReqBody::Empty)?;
             return self.send_primary(req, Reason::Fallback).await;
         }
-        let req = build_request(table, Upstream::Primary, &out, body)?;
+        let headers = std::mem::take(&mut out.headers);
+        let req = build_request(table, Upstream::Primary, &out, headers, body)?;
         self.send_primary(req, reason).await
     }
 
@@ -208,8 +212,13 @@ impl Proxy {
                 ] {
                     headers.remove(h);
                 }
-                let head = Outgoing { method: Method::HEAD, headers, path: out.path.clone(), query: out.query.clone() };
-                let Ok(req) = build_request(table, Upstream::Primary, &head, ReqBody::Empty) else {
+                let head = Outgoing {
+                    method: Method::HEAD,
+                    headers: HeaderMap::new(),
+                    path: out.path.clone(),
+                    query: out.query.clone(),
+                };
+                let Ok(req) = build_request(table, Upstream::Primary, &head, headers, ReqBody::Empty) else {
                     return Probe::Failed;
                 };
                 let sent = tokio::time::timeout(self.probe_timeout, self.upstreams.client().request(req)).await;
@@ -286,11 +295,12 @@ fn outgoing(table: &RoutingTable, parts: &mut Parts, peer: SocketAddr) -> Outgoi
     Outgoing { method: parts.method.clone(), headers, path: Box::from(parts.uri.path()), query }
 }
 
-/// Builds the request for one upstream: its scheme and host, its bucket, the client's head.
+/// Builds the request for one upstream: its scheme, host and bucket, `out`'s method, path and query, and `headers`.
 fn build_request(
     table: &RoutingTable,
     to: Upstream,
     out: &Outgoing,
+    headers: HeaderMap,
     body: ReqBody,
 ) -> Result<Request<ReqBody>, ProxyError> {
     let target = table.target(to);
@@ -317,7 +327,7 @@ fn build_request(
     let mut req = Request::new(body);
     *req.method_mut() = out.method.clone();
     *req.uri_mut() = uri;
-    *req.headers_mut() = out.headers.clone();
+    *req.headers_mut() = headers;
     Ok(req)
 }
 
