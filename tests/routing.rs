@@ -202,3 +202,37 @@ async fn cleartext_http2_uploads_stream_to_the_primary() {
     assert_eq!(s.primary.store.get(&obj("h2/upload.mov")).unwrap().body.len(), body.len());
     assert_eq!(s.replica.store.hits(), 0);
 }
+
+#[tokio::test]
+async fn the_age_probe_carries_the_clients_credentials_but_not_its_identity() {
+    // The primary only answers HEAD for the right credentials, and refuses any request
+    // that still carries the identity header.
+    let primary = serve_fn(loopback0(), |req: http::Request<hyper::body::Incoming>| async move {
+        let h = req.headers();
+        let ok = h.get("authorization").is_some_and(|v| v == "AWS4-HMAC-SHA256 Credential=studio")
+            && h.get("x-forwarded-user").is_none()
+            && h.get("range").is_none();
+        let mut r = http::Response::new(full("primary"));
+        if req.method() == http::Method::HEAD {
+            if ok {
+                r.headers_mut().insert("last-modified", "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+            } else {
+                *r.status_mut() = http::StatusCode::FORBIDDEN;
+            }
+        }
+        r
+    })
+    .await;
+    let replica = status_server(200).await;
+    let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"15m\"", "")).await;
+    let resp = client()
+        .get(format!("http://{}{}", proxy.addr, obj("a.mov")))
+        .header("x-forwarded-user", "alice")
+        .header("authorization", "AWS4-HMAC-SHA256 Credential=studio")
+        .header("range", "bytes=0-3")
+        .send()
+        .await
+        .unwrap();
+    let a = Answer::from(resp).await;
+    assert_eq!((a.upstream.as_str(), a.reason.as_str()), ("replica", "replica"), "the probe was refused");
+}
