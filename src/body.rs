@@ -100,10 +100,7 @@ impl Body for RespBody {
             Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
             Inner::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
         };
-        let ended = match &this.inner {
-            Inner::Upstream(b) => b.is_end_stream(),
-            Inner::Full(b) => b.is_end_stream(),
-        };
+        let ended = this.inner_end_stream();
         if let Some(rec) = this.record.as_deref_mut() {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {

@@ -1,5 +1,7 @@
 //! Header handling shared by requests and responses (RFC 9110 section 7.6.1).
 
+use std::fmt::Write;
+
 use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
 
@@ -47,7 +49,8 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
             joined.push_str(", ");
         }
     }
-    joined.push_str(&ip.to_string());
+    // Writing into a String cannot fail.
+    let _ = write!(joined, "{ip}");
     if let Ok(v) = HeaderValue::from_str(&joined) {
         headers.insert(name.clone(), v);
     }

@@ -95,7 +95,8 @@ impl Metrics {
             Some(Upstream::Replica) => 1,
             None => 2,
         };
-        let r = reason.map_or(REASONS - 1, |r| Reason::ALL.iter().position(|x| *x == r).unwrap_or(0));
+        // Reason is fieldless and `ALL` lists it in declaration order, so the discriminant is its index.
+        let r = reason.map_or(REASONS - 1, |r| r as usize);
         let c = class_index(status);
         let handle = self.request_handles[(u * REASONS + r) * CLASSES + c].get_or_init(|| {
             let labels = [

@@ -1,5 +1,6 @@
 //! The request path: decide, rewrite, forward, fall back, stream back.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,14 +36,14 @@ pub struct Proxy {
     ready: AtomicBool,
 }
 
-/// A request head ready to be sent to either upstream.
-struct Outgoing {
+/// A request head ready to be sent to either upstream, borrowing the client's URI.
+struct Outgoing<'a> {
     method: Method,
     headers: HeaderMap,
     /// The object path as the client sent it (primary bucket).
-    path: Box<str>,
+    path: &'a str,
     /// The query without the user parameter.
-    query: Option<Box<str>>,
+    query: Option<Cow<'a, str>>,
 }
 
 impl Proxy {
@@ -142,9 +143,11 @@ impl Proxy {
         }
         let query = parts.uri.query();
         let ctx = client::context(table, peer.ip(), &parts.headers, query);
-        rec.user = ctx.user.clone();
         rec.client = ctx.ip;
-        check_bucket(table, parts.uri.path())?;
+        if let Err(refused) = check_bucket(table, parts.uri.path()) {
+            rec.user = ctx.user;
+            return Err(refused);
+        }
 
         let read = parts.method == Method::GET || parts.method == Method::HEAD;
         let facts = RequestFacts {
@@ -152,10 +155,11 @@ impl Proxy {
             object: route::is_object(parts.uri.path(), query),
             replica_down: self.upstreams.health(Upstream::Replica).is_down(),
         };
-        let mut out = outgoing(table, parts, peer);
+        let mut out = outgoing(table, &parts.method, &parts.uri, &mut parts.headers, peer);
         let age =
             if route::needs_age(table, &ctx, &facts) { self.probe_age(table, &out).await } else { Age::NotProbed };
         let (upstream, reason) = route::decide(table, &ctx, &facts, age);
+        rec.user = ctx.user;
         rec.upstream = Some(upstream);
         rec.reason = Some(reason);
 
@@ -163,31 +167,28 @@ impl Proxy {
         if upstream == Upstream::Replica {
             // Keep a copy of the head only if the primary may still need it.
             let headers = if table.fallback { out.headers.clone() } else { std::mem::take(&mut out.headers) };
-            let req = build_request(table, Upstream::Replica, &out, headers, ReqBody::Empty)?;
-            let sent = self.upstreams.send(Upstream::Replica, req).await;
-            let failure = match sent {
+            let req = build_request(table, Upstream::Replica, out.method.clone(), &out, headers, ReqBody::Empty)?;
+            match self.upstreams.send(Upstream::Replica, req).await {
                 Ok(resp) if !table.fallback || !replica_missed(resp.status()) => {
                     return Ok(to_client(resp, Upstream::Replica, reason));
                 }
                 Ok(resp) => {
-                    let status = resp.status().as_u16();
+                    tracing::debug!(path = out.path, status = resp.status().as_u16(), "replica missed; falling back");
                     drain_small(resp).await;
-                    format!("status {status}")
                 }
                 Err(e) if !table.fallback => {
                     return Err(ProxyError::Upstream { upstream: Upstream::Replica, source: e });
                 }
-                Err(e) => error_chain(&e),
-            };
-            tracing::debug!(path = &*out.path, why = %failure, "replica missed; falling back to the primary");
+                Err(e) => tracing::debug!(path = out.path, error = %error_chain(&e), "replica failed; falling back"),
+            }
             rec.upstream = Some(Upstream::Primary);
             rec.reason = Some(Reason::Fallback);
             let headers = std::mem::take(&mut out.headers);
-            let req = build_request(table, Upstream::Primary, &out, headers, ReqBody::Empty)?;
+            let req = build_request(table, Upstream::Primary, out.method.clone(), &out, headers, ReqBody::Empty)?;
             return self.send_primary(req, Reason::Fallback).await;
         }
         let headers = std::mem::take(&mut out.headers);
-        let req = build_request(table, Upstream::Primary, &out, headers, body)?;
+        let req = build_request(table, Upstream::Primary, out.method.clone(), &out, headers, body)?;
         self.send_primary(req, reason).await
     }
 
@@ -199,9 +200,9 @@ impl Proxy {
     }
 
     /// Learns the object's age from a `HEAD` to the primary, through the cache.
-    async fn probe_age(&self, table: &RoutingTable, out: &Outgoing) -> Age {
+    async fn probe_age(&self, table: &RoutingTable, out: &Outgoing<'_>) -> Age {
         self.ages
-            .age(&out.path, table.delay, || async {
+            .age(out.path, table.delay, || async {
                 let mut headers = out.headers.clone();
                 for h in [
                     header::RANGE,
@@ -212,13 +213,8 @@ impl Proxy {
                 ] {
                     headers.remove(h);
                 }
-                let head = Outgoing {
-                    method: Method::HEAD,
-                    headers: HeaderMap::new(),
-                    path: out.path.clone(),
-                    query: out.query.clone(),
-                };
-                let Ok(req) = build_request(table, Upstream::Primary, &head, headers, ReqBody::Empty) else {
+                let Ok(req) = build_request(table, Upstream::Primary, Method::HEAD, out, headers, ReqBody::Empty)
+                else {
                     return Probe::Failed;
                 };
                 let sent = tokio::time::timeout(self.probe_timeout, self.upstreams.client().request(req)).await;
@@ -279,27 +275,33 @@ fn replica_missed(status: StatusCode) -> bool {
 }
 
 /// Strips identity and hop-by-hop headers and keeps what both upstreams get.
-fn outgoing(table: &RoutingTable, parts: &mut Parts, peer: SocketAddr) -> Outgoing {
-    let query = client::strip_identity(table, &mut parts.headers, parts.uri.query()).map(|q| Box::from(&*q));
-    let mut headers = std::mem::take(&mut parts.headers);
+fn outgoing<'a>(
+    table: &RoutingTable,
+    method: &Method,
+    uri: &'a Uri,
+    client_headers: &mut HeaderMap,
+    peer: SocketAddr,
+) -> Outgoing<'a> {
+    let query = client::strip_identity(table, client_headers, uri.query());
+    let mut headers = std::mem::take(client_headers);
     remove_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     // hyper answers `100-continue` itself when the body is first read.
     headers.remove(header::EXPECT);
     append_forwarded_for(&mut headers, peer.ip().to_canonical());
-    let read = parts.method == Method::GET || parts.method == Method::HEAD;
-    if read {
+    if method == Method::GET || method == Method::HEAD {
         // GET/HEAD go out without a body so they can be retried on the primary.
         headers.remove(header::CONTENT_LENGTH);
     }
-    Outgoing { method: parts.method.clone(), headers, path: Box::from(parts.uri.path()), query }
+    Outgoing { method: method.clone(), headers, path: uri.path(), query }
 }
 
-/// Builds the request for one upstream: its scheme, host and bucket, `out`'s method, path and query, and `headers`.
+/// Builds the request for one upstream: its scheme, host and bucket, `out`'s path and query.
 fn build_request(
     table: &RoutingTable,
     to: Upstream,
-    out: &Outgoing,
+    method: Method,
+    out: &Outgoing<'_>,
     headers: HeaderMap,
     body: ReqBody,
 ) -> Result<Request<ReqBody>, ProxyError> {
@@ -312,7 +314,7 @@ fn build_request(
             pq.push_str(to_bucket);
             pq.push_str(rest);
         }
-        _ => pq.push_str(&out.path),
+        _ => pq.push_str(out.path),
     }
     if let Some(q) = &out.query {
         pq.push('?');
@@ -325,7 +327,7 @@ fn build_request(
         .build()
         .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
     let mut req = Request::new(body);
-    *req.method_mut() = out.method.clone();
+    *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     Ok(req)

@@ -196,22 +196,16 @@ fi
 TESTS="${TESTS:-4k 1m 1g slow}"
 want() { [[ " $TESTS " == *" $1 "* ]]; }
 TICK=$(getconf CLK_TCK)
-cpu_ticks() { # sum utime+stime of a process tree
-    local total=0
+tree_sum() { # pid, file under /proc/PID, awk program printing one number: summed over the tree
+    local total=0 p
     for p in $(tree_pids "$1"); do
-        [ -r "/proc/$p/stat" ] || continue
-        total=$(( total + $(awk '{print $14 + $15}' "/proc/$p/stat") ))
+        [ -r "/proc/$p/$2" ] || continue
+        total=$(( total + $(awk "$3" "/proc/$p/$2") ))
     done
     echo "$total"
 }
-rss_kib() {
-    local total=0
-    for p in $(tree_pids "$1"); do
-        [ -r "/proc/$p/status" ] || continue
-        total=$(( total + $(awk '/^VmRSS:/ {print $2}' "/proc/$p/status") ))
-    done
-    echo "$total"
-}
+cpu_ticks() { tree_sum "$1" stat '{print $14 + $15}'; }   # utime + stime
+rss_kib() { tree_sum "$1" status '/^VmRSS:/ {print $2}'; }
 
 echo "== routing check: every proxy must send each request to the same origin"
 check_cases=(

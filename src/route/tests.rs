@@ -193,3 +193,11 @@ fn object_paths() {
         assert!(!is_object(path, query), "{path} {query:?}");
     }
 }
+
+#[test]
+fn all_reasons_are_listed_in_declaration_order() {
+    // Metrics index their counters by `reason as usize`.
+    for (i, r) in Reason::ALL.iter().enumerate() {
+        assert_eq!(*r as usize, i, "{r:?}");
+    }
+}
