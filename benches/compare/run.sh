@@ -311,10 +311,16 @@ for round in $(seq 1 "$ROUNDS"); do
         if want 1m; then run_wrk "$t" /media/1m.bin 8 1MiB; fi
         if want 1g; then run_wrk "$t" /media/1g.bin 1 1GiB; fi
     done
-    if want slow; then
-        for t in "${PROXIES[@]}"; do run_slow "$t"; done
-    fi
 done
+# The slow-download rounds come last: 1,000 connections per proxy with full socket buffers
+# leave the kernel (TIME_WAIT, TCP memory) and every process's heap disturbed for a while,
+# and the throughput tests above should not depend on which proxy's slow test ran before.
+if want slow; then
+    for round in $(seq 1 "$ROUNDS"); do
+        echo "== slow downloads, round $round of $ROUNDS"
+        for t in "${PROXIES[@]}"; do run_slow "$t"; done
+    done
+fi
 
 echo
 echo "== results: median of $ROUNDS rounds (min-max), ratios against direct and the best peer"
