@@ -96,7 +96,11 @@ impl Drop for StoreServer {
 
 /// Serves `store` on `addr` (port 0 picks a free port).
 pub async fn serve(addr: SocketAddr, store: Arc<Store>) -> std::io::Result<StoreServer> {
-    let listener = TcpListener::bind(addr).await?;
+    serve_on(TcpListener::bind(addr).await?, store)
+}
+
+/// Serves `store` on an already bound listener.
+pub fn serve_on(listener: TcpListener, store: Arc<Store>) -> std::io::Result<StoreServer> {
     let addr = listener.local_addr()?;
     let st = Arc::clone(&store);
     let (stop, stopped) = tokio::sync::watch::channel(false);
