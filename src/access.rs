@@ -1,11 +1,11 @@
-//! The access log: one line per request, written when the response body is done.
+//! The access log: one line per request, written when the response body is done
+//! (README "Access log").
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::metrics::Metrics;
-
 use crate::route::Reason;
 use crate::table::Upstream;
 
@@ -22,7 +22,7 @@ pub struct AccessRecord {
     pub method: http::Method,
     /// Request path (without query, which may hold presigned credentials).
     pub path: Box<str>,
-    /// Status sent to the client.
+    /// Status sent to the client; 0 while none has been decided.
     pub status: u16,
     /// Upstream that answered, if any.
     pub upstream: Option<Upstream>,
@@ -34,6 +34,8 @@ pub struct AccessRecord {
     pub complete: bool,
     /// The upstream body failed mid-stream.
     pub upstream_error: bool,
+    /// The client went away before the response was decided (its upload broke off).
+    pub client_closed: bool,
     /// Where the request is counted, if anywhere.
     pub metrics: Option<Arc<Metrics>>,
 }
@@ -41,8 +43,16 @@ pub struct AccessRecord {
 impl Drop for AccessRecord {
     fn drop(&mut self) {
         let took = self.start.elapsed();
+        // Dropped before a status was decided: the connection went away under the request.
+        let left_early = self.client_closed || self.status == 0;
+        // A body that stopped short without an upstream error stopped at the client.
+        let client_closed = left_early || (!self.complete && !self.upstream_error);
+        if left_early {
+            // nginx's "client closed request".
+            self.status = 499;
+        }
         if let Some(m) = &self.metrics {
-            m.request(self.upstream, self.reason, self.status, self.bytes, took);
+            m.request(self.upstream, self.reason, self.status, client_closed, self.bytes, took);
         }
         let duration_ms = took.as_secs_f64() * 1000.0;
         tracing::info!(

@@ -6,8 +6,9 @@
 //! failing primary is not asked once per request. Concurrent requests for one key
 //! always share a single probe.
 //!
-//! Keys are stored as keyed hashes (random per process), so memory per entry is fixed
-//! whatever the path length, and nobody can aim collisions at it.
+//! Entries are keyed by path and `versionId`; a write through mediaroute drops every entry
+//! of its path. Keys are stored as keyed hashes (random per process), so memory per entry
+//! is fixed whatever the path length, and nobody can aim collisions at it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -38,13 +39,40 @@ struct Slot {
 /// How long a miss or a failed probe is remembered.
 const NEGATIVE_TTL: Duration = Duration::from_secs(2);
 
-/// A path reduced to a fixed size: its keyed hash and its length.
-type Key = (u64, usize);
+/// A string reduced to a fixed size: its keyed hash and its length.
+type Hashed = (u64, usize);
+
+/// Which object: its path as the client addressed it, and its `versionId`, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectKey<'a> {
+    /// The request path (primary bucket).
+    pub path: &'a str,
+    /// The raw `versionId` query value.
+    pub version: Option<&'a str>,
+}
+
+impl<'a> ObjectKey<'a> {
+    /// The key a request for `path?query` addresses.
+    pub fn new(path: &'a str, query: Option<&'a str>) -> ObjectKey<'a> {
+        let version =
+            query.and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("versionId=")).filter(|v| !v.is_empty()));
+        ObjectKey { path, version }
+    }
+}
+
+/// The slots of one path: one per version asked for (`None`: the current version).
+type Versions = Vec<(Option<Hashed>, Arc<Slot>)>;
+
+#[derive(Debug, Default)]
+struct Slots {
+    by_path: HashMap<Hashed, Versions>,
+    len: usize,
+}
 
 /// The bounded cache of object ages, shared by all requests.
 #[derive(Debug)]
 pub struct AgeCache {
-    slots: Mutex<HashMap<Key, Arc<Slot>>>,
+    slots: Mutex<Slots>,
     capacity: usize,
     hasher: RandomState,
 }
@@ -52,12 +80,12 @@ pub struct AgeCache {
 impl AgeCache {
     /// A cache holding at most `capacity` objects.
     pub fn new(capacity: usize) -> AgeCache {
-        AgeCache { slots: Mutex::new(HashMap::new()), capacity: capacity.max(1), hasher: RandomState::new() }
+        AgeCache { slots: Mutex::new(Slots::default()), capacity: capacity.max(1), hasher: RandomState::new() }
     }
 
     /// Number of objects remembered (including probes in flight).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().len
     }
 
     /// Whether nothing is remembered.
@@ -65,37 +93,59 @@ impl AgeCache {
         self.len() == 0
     }
 
-    /// Forgets everything (the primary changed).
+    /// Forgets everything (the primary moved, or a write named keys we cannot see).
     pub fn clear(&self) {
-        self.lock().clear();
+        *self.lock() = Slots::default();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Slot>>> {
+    /// Forgets every version of the object at `path` (a write through mediaroute changed it).
+    pub fn forget(&self, path: &str) {
+        let key = self.hash(path);
+        let mut slots = self.lock();
+        if let Some(gone) = slots.by_path.remove(&key) {
+            slots.len -= gone.len();
+        }
+    }
+
+    fn hash(&self, s: &str) -> Hashed {
+        (self.hasher.hash_one(s), s.len())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The age of `key`, running `probe` only if no usable answer is cached or in flight.
-    pub async fn age<F, Fut>(&self, path: &str, delay: Duration, probe: F) -> Age
+    pub async fn age<F, Fut>(&self, key: ObjectKey<'_>, delay: Duration, probe: F) -> Age
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Probe>,
     {
-        let key = (self.hasher.hash_one(path), path.len());
+        let path = self.hash(key.path);
+        let version = key.version.map(|v| self.hash(v));
         let now = SystemTime::now();
         let slot = {
-            let mut slots = self.lock();
-            match slots.get(&key) {
-                Some(slot) if still_good(slot, delay, now) => Arc::clone(slot),
-                _ => {
-                    if slots.len() >= self.capacity && !slots.contains_key(&key) {
-                        // Any entry will do: the cost of a wrong guess is one extra HEAD.
-                        if let Some(victim) = slots.keys().next().copied() {
-                            slots.remove(&victim);
+            let mut guard = self.lock();
+            let slots = &mut *guard;
+            let known = slots.by_path.get_mut(&path).and_then(|vs| vs.iter_mut().find(|(v, _)| *v == version));
+            match known {
+                Some((_, slot)) if still_good(slot, delay, now) => Arc::clone(slot),
+                Some((_, slot)) => {
+                    *slot = Arc::new(Slot { result: OnceCell::new() });
+                    Arc::clone(slot)
+                }
+                None => {
+                    if slots.len >= self.capacity {
+                        // Any other path will do: the cost of a wrong guess is one extra probe.
+                        let victim = slots.by_path.keys().copied().find(|k| *k != path);
+                        if let Some(gone) = victim.and_then(|k| slots.by_path.remove(&k)) {
+                            slots.len -= gone.len();
                         }
                     }
                     let slot = Arc::new(Slot { result: OnceCell::new() });
-                    slots.insert(key, Arc::clone(&slot));
+                    slots.by_path.entry(path).or_default().push((version, Arc::clone(&slot)));
+                    slots.len += 1;
                     slot
                 }
             }
@@ -136,6 +186,10 @@ mod tests {
 
     const DELAY: Duration = Duration::from_secs(900);
 
+    fn key(path: &str) -> ObjectKey<'_> {
+        ObjectKey { path, version: None }
+    }
+
     fn ago(secs: u64) -> SystemTime {
         SystemTime::now() - Duration::from_secs(secs)
     }
@@ -146,7 +200,7 @@ mod tests {
         let probes = AtomicUsize::new(0);
         for _ in 0..3 {
             let age = cache
-                .age("/b/old", DELAY, || async {
+                .age(key("/b/old"), DELAY, || async {
                     probes.fetch_add(1, Ordering::SeqCst);
                     Probe::Modified(ago(3600))
                 })
@@ -165,22 +219,22 @@ mod tests {
             probes.fetch_add(1, Ordering::SeqCst);
             Probe::Modified(SystemTime::now())
         };
-        let first = cache.age("/b/young", short, probe).await;
+        let first = cache.age(key("/b/young"), short, probe).await;
         assert!(matches!(first, Age::Known(a) if a < short));
-        cache.age("/b/young", short, probe).await;
+        cache.age(key("/b/young"), short, probe).await;
         assert_eq!(probes.load(Ordering::SeqCst), 1, "not due yet");
         tokio::time::sleep(Duration::from_millis(500)).await;
-        cache.age("/b/young", short, probe).await;
+        cache.age(key("/b/young"), short, probe).await;
         assert_eq!(probes.load(Ordering::SeqCst), 2, "due: probed again");
     }
 
     #[tokio::test]
     async fn misses_and_failures_are_remembered_briefly() {
         let cache = AgeCache::new(10);
-        assert_eq!(cache.age("/b/x", DELAY, || async { Probe::Missing }).await, Age::Missing);
+        assert_eq!(cache.age(key("/b/x"), DELAY, || async { Probe::Missing }).await, Age::Missing);
         // Within the negative TTL the cached miss answers; the probe below is not run.
-        assert_eq!(cache.age("/b/x", DELAY, || async { Probe::Failed }).await, Age::Missing);
-        assert_eq!(cache.age("/b/y", DELAY, || async { Probe::Failed }).await, Age::Unknown);
+        assert_eq!(cache.age(key("/b/x"), DELAY, || async { Probe::Failed }).await, Age::Missing);
+        assert_eq!(cache.age(key("/b/y"), DELAY, || async { Probe::Failed }).await, Age::Unknown);
         assert_eq!(cache.len(), 2);
     }
 
@@ -188,9 +242,48 @@ mod tests {
     async fn a_huge_delay_does_not_overflow() {
         let cache = AgeCache::new(10);
         let huge = Duration::from_secs(u64::MAX / 2);
-        let probe = || async { Probe::Modified(SystemTime::now()) };
-        assert!(matches!(cache.age("/b/z", huge, probe).await, Age::Known(_)));
-        assert!(matches!(cache.age("/b/z", huge, probe).await, Age::Known(_)));
+        let probes = AtomicUsize::new(0);
+        let probe = || async {
+            probes.fetch_add(1, Ordering::SeqCst);
+            Probe::Modified(ago(60))
+        };
+        for _ in 0..2 {
+            let age = cache.age(key("/b/z"), huge, probe).await;
+            assert!(matches!(age, Age::Known(a) if (59..120).contains(&a.as_secs())), "{age:?}");
+        }
+        assert_eq!(probes.load(Ordering::SeqCst), 1, "a deadline past the clock's end is never due");
+    }
+
+    #[tokio::test]
+    async fn versions_are_separate_objects() {
+        let cache = AgeCache::new(10);
+        let old = |secs| move || async move { Probe::Modified(ago(secs)) };
+        let current = ObjectKey::new("/b/v.mov", None);
+        let v1 = ObjectKey::new("/b/v.mov", Some("versionId=1"));
+        let v2 = ObjectKey::new("/b/v.mov", Some("x=y&versionId=2"));
+        assert_eq!(v2.version, Some("2"));
+        assert!(matches!(cache.age(current, DELAY, old(100)).await, Age::Known(a) if (99..101).contains(&a.as_secs())));
+        assert!(matches!(cache.age(v1, DELAY, old(7200)).await, Age::Known(a) if a.as_secs() >= 7199));
+        assert!(matches!(cache.age(v2, DELAY, old(3600)).await, Age::Known(a) if a.as_secs() >= 3599));
+        assert_eq!(cache.len(), 3);
+        // Cached: these probes are not run.
+        assert!(matches!(cache.age(v1, DELAY, old(1)).await, Age::Known(a) if a.as_secs() >= 7199));
+        assert!(matches!(cache.age(current, DELAY, old(1)).await, Age::Known(a) if a.as_secs() >= 99));
+    }
+
+    #[tokio::test]
+    async fn a_write_forgets_every_version_of_its_path() {
+        let cache = AgeCache::new(10);
+        let old = || async { Probe::Modified(ago(3600)) };
+        cache.age(ObjectKey::new("/b/w.mov", None), DELAY, old).await;
+        cache.age(ObjectKey::new("/b/w.mov", Some("versionId=1")), DELAY, old).await;
+        cache.age(ObjectKey::new("/b/other.mov", None), DELAY, old).await;
+        cache.forget("/b/w.mov");
+        assert_eq!(cache.len(), 1);
+        let fresh = cache.age(ObjectKey::new("/b/w.mov", None), DELAY, || async { Probe::Missing }).await;
+        assert_eq!(fresh, Age::Missing, "probed again after the write");
+        let other = cache.age(ObjectKey::new("/b/other.mov", None), DELAY, || async { Probe::Missing }).await;
+        assert!(matches!(other, Age::Known(_)), "other keys are kept");
     }
 
     #[tokio::test]
@@ -203,7 +296,7 @@ mod tests {
             let (cache, probes, gate) = (cache.clone(), probes.clone(), gate.clone());
             tasks.push(tokio::spawn(async move {
                 cache
-                    .age("/b/shared", DELAY, || async move {
+                    .age(key("/b/shared"), DELAY, || async move {
                         probes.fetch_add(1, Ordering::SeqCst);
                         gate.notified().await;
                         Probe::Failed
@@ -227,7 +320,7 @@ mod tests {
     async fn the_cache_stays_bounded() {
         let cache = AgeCache::new(4);
         for i in 0..20 {
-            cache.age(&format!("/b/{i}"), DELAY, || async { Probe::Modified(ago(3600)) }).await;
+            cache.age(key(&format!("/b/{i}")), DELAY, || async { Probe::Modified(ago(3600)) }).await;
         }
         assert_eq!(cache.len(), 4);
     }

@@ -1,22 +1,125 @@
 //! Body types: upstream bodies pass through unboxed; only our own small bodies are buffered.
+//! An upload reports how it is moving, so the exchange is timed by progress, not duration.
 
 use std::pin::Pin;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use tokio::sync::Notify;
 
 use crate::access::AccessRecord;
+use crate::idle::Activity;
+
+/// A failure on the client's side of an exchange: never an upstream failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClientFault {
+    /// The client went away (its upload broke off, or it closed the connection).
+    #[error("the client went away")]
+    Closed,
+    /// The client sent no upload bytes for this long while the upstream waited for them.
+    #[error("the client sent no request body bytes for {0:?}")]
+    Stalled(Duration),
+}
+
+/// How an upload is moving, shared by the body the upstream client polls and the
+/// watchdog that times the exchange (README "Limits and timeouts").
+#[derive(Debug, Default)]
+pub struct Progress {
+    moved: Activity,
+    ended_at: OnceLock<Instant>,
+    ended: Notify,
+    /// The upstream side asked for more and the client had none yet.
+    waiting_on_client: AtomicBool,
+    client_failed: AtomicBool,
+}
+
+/// Which limit an exchange ran into first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overdue {
+    /// The body was sent, and no response head came within the answer time.
+    NoAnswer,
+    /// Nothing moved for the idle time while the upstream waited on the client.
+    Client,
+    /// Nothing moved for the idle time while the client's bytes waited on the upstream.
+    Upstream,
+}
+
+impl Progress {
+    fn finish(&self) {
+        if self.ended_at.set(Instant::now()).is_ok() {
+            self.ended.notify_one();
+        }
+    }
+
+    /// Whether the client's body broke off (it went away mid-upload).
+    pub fn client_failed(&self) -> bool {
+        self.client_failed.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the exchange is overdue: no response head within `answer_within`
+    /// of the body's end, or no byte moved for `idle` while the body was in progress.
+    /// Never limits how long a body that keeps moving may take.
+    pub async fn overdue(&self, idle: Duration, answer_within: Duration) -> Overdue {
+        loop {
+            let ended = self.ended.notified();
+            if let Some(at) = self.ended_at.get() {
+                tokio::time::sleep_until((*at + answer_within).into()).await;
+                return Overdue::NoAnswer;
+            }
+            let quiet = self.moved.quiet_for();
+            if quiet >= idle {
+                return if self.waiting_on_client.load(Ordering::Relaxed) {
+                    Overdue::Client
+                } else {
+                    Overdue::Upstream
+                };
+            }
+            tokio::select! {
+                () = tokio::time::sleep(idle - quiet) => {}
+                () = ended => {}
+            }
+        }
+    }
+}
 
 /// A request body sent upstream: the client's stream, or nothing.
 #[derive(Debug)]
 pub enum ReqBody {
     /// The client's body, forwarded as it arrives.
-    Stream(Incoming),
+    Stream {
+        /// The body.
+        body: Incoming,
+        /// Where its movement is recorded.
+        progress: std::sync::Arc<Progress>,
+    },
     /// No body (GET/HEAD, probes, fallback retries).
     Empty,
+}
+
+impl ReqBody {
+    /// Forwards the client's body, recording its progress.
+    pub fn stream(body: Incoming) -> ReqBody {
+        let progress = std::sync::Arc::new(Progress::default());
+        // An empty body may never be polled.
+        if body.is_end_stream() {
+            progress.finish();
+        }
+        ReqBody::Stream { body, progress }
+    }
+
+    /// The progress record of a streamed body.
+    pub fn progress(&self) -> Option<&std::sync::Arc<Progress>> {
+        match self {
+            ReqBody::Stream { progress, .. } => Some(progress),
+            ReqBody::Empty => None,
+        }
+    }
 }
 
 impl Body for ReqBody {
@@ -25,21 +128,36 @@ impl Body for ReqBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ReqBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            ReqBody::Stream { body, progress } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(_))) => {
+                        progress.moved.touch();
+                        progress.waiting_on_client.store(false, Ordering::Relaxed);
+                        if body.is_end_stream() {
+                            progress.finish();
+                        }
+                    }
+                    Poll::Ready(None) => progress.finish(),
+                    Poll::Ready(Some(Err(_))) => progress.client_failed.store(true, Ordering::Relaxed),
+                    Poll::Pending => progress.waiting_on_client.store(true, Ordering::Relaxed),
+                }
+                polled
+            }
             ReqBody::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ReqBody::Stream(b) => b.is_end_stream(),
+            ReqBody::Stream { body, .. } => body.is_end_stream(),
             ReqBody::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ReqBody::Stream(b) => b.size_hint(),
+            ReqBody::Stream { body, .. } => body.size_hint(),
             ReqBody::Empty => SizeHint::with_exact(0),
         }
     }
@@ -76,8 +194,10 @@ impl RespBody {
 
     /// Attaches the access record, written when the body ends or is dropped.
     pub fn with_record(mut self, mut record: Box<AccessRecord>) -> RespBody {
-        // A body that is already over (HEAD, 304, empty) may never be polled.
-        record.complete = self.inner_end_stream();
+        // A body that is already over (empty), or that HTTP says is not sent (an answer to
+        // HEAD, 204, 304), may never be polled.
+        record.complete =
+            self.inner_end_stream() || record.method == http::Method::HEAD || matches!(record.status, 204 | 304);
         self.record = Some(record);
         self
     }

@@ -3,13 +3,10 @@
 use std::net::IpAddr;
 
 use http::HeaderMap;
-use http::header::HeaderName;
 
+use crate::headers::X_FORWARDED_FOR;
 use crate::route::ClientContext;
 use crate::table::{NetSet, RoutingTable};
-
-/// The standard forwarding header, walked right to left from trusted peers.
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Builds the client context for a request that arrived from `peer`.
 ///
@@ -126,6 +123,7 @@ mod tests {
 
     use super::*;
     use crate::config;
+    use http::header::HeaderName;
 
     fn table(identity: &str) -> RoutingTable {
         let src = format!(

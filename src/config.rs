@@ -113,6 +113,8 @@ pub struct Config {
     pub users: BTreeMap<String, Mode>,
     /// Users listed in both `users_file` and `[users]`; `[users]` wins.
     pub overridden_users: Vec<String>,
+    /// Settings that work but should be changed (printed by `check`, logged at load).
+    pub warnings: Vec<String>,
     /// Timeouts and sizes.
     pub limits: Limits,
     /// Active and passive health checking.
@@ -152,6 +154,8 @@ pub struct UpstreamConfig {
     pub region: Option<String>,
     /// How requests are authenticated.
     pub auth: Auth,
+    /// Path of the active health check's `HEAD`; `None`: the bucket (README "Health").
+    pub health_path: Option<String>,
 }
 
 /// `[replication]`.
@@ -178,11 +182,12 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Largest request head accepted; larger ones get 431.
     pub max_header_size: u32,
-    /// A client connection with no bytes read or written for this long is closed.
+    /// A client connection with no bytes read or written, and no request waiting on an
+    /// upstream, for this long is closed; an upload that moves no byte for this long fails.
     pub idle_timeout: Duration,
     /// TCP connect timeout to either upstream.
     pub upstream_connect_timeout: Duration,
-    /// Time an upstream has to send its response head.
+    /// Time an upstream has to start its response once the request body has been sent.
     pub upstream_header_timeout: Duration,
     /// Time allowed for the object-age `HEAD` probe.
     pub age_probe_timeout: Duration,
@@ -199,8 +204,8 @@ pub struct Health {
     pub interval: Duration,
     /// Time an active check may take.
     pub timeout: Duration,
-    /// Path requested (`HEAD`) by active checks.
-    pub path: String,
+    /// Deprecated `health.path`: the check path of upstreams without their own `health_path`.
+    pub path: Option<String>,
     /// Consecutive successes that mark a down upstream up.
     pub rise: u32,
     /// Consecutive failures (checks or connect errors) that mark an upstream down.

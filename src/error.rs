@@ -1,20 +1,21 @@
-//! Request errors and the one place that turns them into responses.
+//! Request errors and the one place that turns them into responses (README "Errors").
 
 use http::{Response, StatusCode};
 
-use crate::body::RespBody;
+use crate::body::{ClientFault, RespBody};
+use crate::route::Refusal;
 use crate::table::Upstream;
-use crate::upstream::SendError;
+use crate::upstream::{ExchangeError, SendError};
 
 /// Why a request could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// The request line or headers are not something we can route.
+    /// Admission refused the request before any upstream saw it.
+    #[error("{}", refusal_message(*.0))]
+    Refused(Refusal),
+    /// The request cannot be expressed as an upstream request.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
-    /// The request names a bucket other than the configured one.
-    #[error("bucket is not served here")]
-    ForeignBucket,
     /// The upstream gave no response head.
     #[error("{} {source}", upstream.as_str())]
     Upstream {
@@ -24,18 +25,32 @@ pub enum ProxyError {
         #[source]
         source: SendError,
     },
+    /// The client went away or stopped sending: not an upstream failure.
+    #[error(transparent)]
+    Client(ClientFault),
 }
 
 impl ProxyError {
+    /// The error of an exchange with `upstream`, kept on the side it happened.
+    pub fn exchange(upstream: Upstream, e: ExchangeError) -> ProxyError {
+        match e {
+            ExchangeError::Upstream(source) => ProxyError::Upstream { upstream, source },
+            ExchangeError::Client(fault) => ProxyError::Client(fault),
+        }
+    }
+
     /// The status and S3 error code sent to the client.
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "InvalidRequest"),
-            ProxyError::ForeignBucket => (StatusCode::FORBIDDEN, "AccessDenied"),
-            ProxyError::Upstream { source: SendError::Timeout(_), .. } => {
+            ProxyError::Refused(Refusal::ForeignBucket) => (StatusCode::FORBIDDEN, "AccessDenied"),
+            ProxyError::Refused(_) | ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "InvalidRequest"),
+            ProxyError::Upstream { source: SendError::Timeout(_) | SendError::Stalled(_), .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout")
             }
             ProxyError::Upstream { .. } => (StatusCode::BAD_GATEWAY, "BadGateway"),
+            ProxyError::Client(ClientFault::Stalled(_)) => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
+            // Nobody reads this answer; 499 is what the access log records (nginx's convention).
+            ProxyError::Client(ClientFault::Closed) => (CLIENT_CLOSED, "ClientClosed"),
         }
     }
 
@@ -47,6 +62,20 @@ impl ProxyError {
             other => other.to_string(),
         };
         xml_error(status, code, &message, resource)
+    }
+}
+
+/// nginx's "client closed request": the client left before the response.
+pub const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
+fn refusal_message(r: Refusal) -> &'static str {
+    match r {
+        Refusal::NotAPath => "the request target must be a path starting with /",
+        Refusal::DotSegment => "the path must not contain . or .. segments",
+        Refusal::ForeignBucket => "bucket is not served here",
     }
 }
 
@@ -62,18 +91,6 @@ pub fn xml_error(status: StatusCode, code: &str, message: &str, resource: &str) 
     *resp.status_mut() = status;
     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/xml"));
     resp
-}
-
-/// An error and its causes on one line (hyper's top-level messages are terse).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }
 
 /// Escapes text for XML element content.
@@ -105,10 +122,20 @@ mod tests {
 
     #[tokio::test]
     async fn each_error_maps_to_its_status() {
-        let r = ProxyError::BadRequest("path must start with /").to_response("*");
+        let r = ProxyError::Refused(Refusal::NotAPath).to_response("*");
         assert_eq!(r.status(), 400);
-        assert!(body_of(r).await.contains("<Code>InvalidRequest</Code>"));
-        let r = ProxyError::ForeignBucket.to_response("/other/<key>");
+        let body = body_of(r).await;
+        assert!(body.contains("<Code>InvalidRequest</Code>") && body.contains("must be a path"), "{body}");
+        let r = ProxyError::Refused(Refusal::DotSegment).to_response("/b/../x");
+        assert_eq!(r.status(), 400);
+        let r = ProxyError::Client(ClientFault::Stalled(std::time::Duration::from_secs(1))).to_response("/b/k");
+        assert_eq!(r.status(), 408);
+        assert!(body_of(r).await.contains("<Code>RequestTimeout</Code>"));
+        assert_eq!(ProxyError::Client(ClientFault::Closed).status_and_code().0.as_u16(), 499);
+        let timeout = SendError::Timeout(std::time::Duration::from_secs(1));
+        let r = ProxyError::Upstream { upstream: Upstream::Primary, source: timeout }.to_response("/b/k");
+        assert_eq!(r.status(), 504);
+        let r = ProxyError::Refused(Refusal::ForeignBucket).to_response("/other/<key>");
         assert_eq!(r.status(), 403);
         let body = body_of(r).await;
         assert!(body.contains("<Code>AccessDenied</Code>"), "{body}");

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::duration::format_duration;
-use crate::route::{self, Age, ClientContext, RequestFacts};
-use crate::table::RoutingTable;
+use crate::route::{self, Age, ClientContext, Refusal, RequestFacts};
+use crate::table::{Addressing, RoutingTable};
 
 /// The request to explain.
 #[derive(Debug, Clone)]
@@ -34,10 +34,32 @@ pub fn explain(cfg: &Config, q: &Question) -> String {
         None => (q.path.as_str(), None),
     };
     let method = q.method.to_ascii_uppercase();
+    let mut out = String::new();
+    let admitted = route::admit(&table, method == "CONNECT", path, query);
+    let addressing = match table.addressing() {
+        Addressing::PathStyle { primary, replica } => {
+            format!("path-style: /{primary}/{{key}}; the replica gets /{replica}/{{key}}")
+        }
+        Addressing::BucketBound => "bucket-bound (no bucket set): the path is the key, passed unchanged".to_string(),
+    };
+    let admitted = match admitted {
+        Ok(a) => a,
+        Err(refusal) => {
+            let (status, why) = match refusal {
+                Refusal::NotAPath => (400, "the request target is not a path starting with /"),
+                Refusal::DotSegment => (400, "the path has a . or .. segment"),
+                Refusal::ForeignBucket => (403, "the first path segment is not the primary bucket"),
+            };
+            let _ = writeln!(out, "refused:  {status} before any upstream: {why}");
+            let _ = writeln!(out, "request:  {method} {}", q.path);
+            let _ = writeln!(out, "address:  {addressing}");
+            return out;
+        }
+    };
     let ctx = ClientContext { ip: q.ip, user: q.user.as_deref().map(Box::from) };
     let facts = RequestFacts {
         read: method == "GET" || method == "HEAD",
-        object: route::is_object(path, query),
+        object: admitted.object,
         replica_down: q.replica_down,
     };
     let age = match q.age {
@@ -47,7 +69,6 @@ pub fn explain(cfg: &Config, q: &Question) -> String {
     let (upstream, reason) = route::decide(&table, &ctx, &facts, age);
     let mode = table.mode_of(ctx.user.as_deref());
     let listed = q.user.as_ref().is_some_and(|u| cfg.users.contains_key(u));
-    let mut out = String::new();
     let _ = writeln!(out, "upstream: {}", upstream.as_str());
     let _ = writeln!(out, "reason:   {}", reason.as_str());
     let who = match (&q.user, listed) {
@@ -59,18 +80,12 @@ pub fn explain(cfg: &Config, q: &Question) -> String {
     let inside = if table.networks.contains(q.ip) { "inside" } else { "outside" };
     let _ = writeln!(out, "client:   {} ({inside} replication.networks)", q.ip);
     let _ = writeln!(out, "request:  {method} {} ({})", q.path, if facts.object { "object" } else { "not an object" });
+    let _ = writeln!(out, "address:  {addressing}");
     let delay = format_duration(table.delay);
     let age = match q.age {
         Some(a) => format!("{} (delay {delay})", format_duration(a)),
         None => format!("not given, assumed older than the delay ({delay})"),
     };
     let _ = writeln!(out, "age:      {age}");
-    if let Some(bucket) = table.primary.bucket.as_deref() {
-        let first = path.strip_prefix('/').unwrap_or(path).split('/').next().unwrap_or("");
-        if first != bucket {
-            let _ =
-                writeln!(out, "note:     bucket {first:?} is not {bucket:?}: the proxy refuses this request with 403");
-        }
-    }
     out
 }

@@ -9,6 +9,8 @@ use http::header::{self, HeaderName, HeaderValue};
 pub static X_MEDIAROUTE_UPSTREAM: HeaderName = HeaderName::from_static("x-mediaroute-upstream");
 /// Added to every proxied response: why that upstream was chosen.
 pub static X_MEDIAROUTE_REASON: HeaderName = HeaderName::from_static("x-mediaroute-reason");
+/// The standard forwarding header: appended to upstream requests, walked from trusted peers.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Headers that describe one connection, never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -41,7 +43,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Appends `ip` to `X-Forwarded-For`, joining earlier lines into one.
 pub fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
-    let name = &crate::client::X_FORWARDED_FOR;
+    let name = &X_FORWARDED_FOR;
     let mut joined = String::new();
     for v in headers.get_all(name).iter() {
         if let Ok(v) = v.to_str() {

@@ -1,34 +1,74 @@
-//! Idle detection for client connections: no bytes in either direction for a while.
+//! Idle detection for client connections: no bytes in either direction for a while,
+//! and no request waiting on an upstream (README "Limits and timeouts").
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// When a connection last moved a byte, as milliseconds since it was opened.
+/// When something last moved, as milliseconds since the record was made.
 #[derive(Debug)]
 pub struct Activity {
     opened: Instant,
     last_ms: AtomicU64,
+    /// Requests of this connection waiting on an upstream: while any is, the connection is not idle.
+    busy: AtomicU32,
+}
+
+impl Default for Activity {
+    fn default() -> Activity {
+        Activity::new()
+    }
 }
 
 impl Activity {
-    fn touch(&self) {
-        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+    /// A record that counts as active from now.
+    pub fn new() -> Activity {
+        Activity { opened: Instant::now(), last_ms: AtomicU64::new(0), busy: AtomicU32::new(0) }
     }
 
-    fn quiet_for(&self) -> Duration {
+    /// Records movement now.
+    pub fn touch(&self) {
+        self.last_ms.store(self.elapsed_ms(), Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the record was made.
+    pub fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Time since the last movement (zero while a request is busy).
+    pub fn quiet_for(&self) -> Duration {
+        if self.busy.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
         let now = self.opened.elapsed();
         now.saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
     }
+
+    /// Marks a request busy until the guard is dropped; the quiet time restarts then.
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(Arc::clone(self))
+    }
 }
 
-/// Resolves once `activity` has seen no bytes for `idle`.
+/// A request in progress on a connection (see [`Activity::busy`]).
+#[derive(Debug)]
+pub struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resolves once `activity` has seen no bytes and no busy request for `idle`.
 pub async fn idle_for(activity: &Activity, idle: Duration) {
     loop {
         let quiet = activity.quiet_for();
@@ -49,7 +89,7 @@ pub struct IdleIo<T> {
 impl<T> IdleIo<T> {
     /// Wraps `inner`; the connection counts as active from now.
     pub fn new(inner: T) -> IdleIo<T> {
-        IdleIo { inner, activity: Arc::new(Activity { opened: Instant::now(), last_ms: AtomicU64::new(0) }) }
+        IdleIo { inner, activity: Arc::new(Activity::new()) }
     }
 
     /// The shared activity record, for a watchdog.
@@ -103,5 +143,24 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_busy_connection_is_never_idle() {
+        let a = Arc::new(Activity::new());
+        let guard = a.busy();
+        let waited = tokio::time::timeout(Duration::from_millis(150), idle_for(&a, Duration::from_millis(50))).await;
+        assert!(waited.is_err(), "idle while a request was busy");
+        drop(guard);
+        // The quiet time starts when the request stops being busy.
+        assert!(a.quiet_for() < Duration::from_millis(40));
+        let started = Instant::now();
+        idle_for(&a, Duration::from_millis(50)).await;
+        assert!(started.elapsed() >= Duration::from_millis(45));
     }
 }

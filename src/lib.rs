@@ -1,5 +1,10 @@
 //! mediaroute: a streaming reverse proxy that serves studio media from an S3 replica
 //! region when a user's setting allows it, and from the primary otherwise.
+//!
+//! Modules point one way: `config` -> `table` -> (`route`, `age`, `upstream`) -> `proxy`
+//! -> `server`; the binary (`main.rs`) sits on top.
+
+#![warn(missing_docs)]
 
 pub mod access;
 pub mod admin;
@@ -15,8 +20,8 @@ pub mod headers;
 pub mod idle;
 pub mod metrics;
 pub mod proxy;
-pub mod reload;
 pub mod route;
 pub mod server;
+pub mod signals;
 pub mod table;
 pub mod upstream;

@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mediaroute::config::{self, Config};
-use mediaroute::{demo, duration, explain, reload, server};
+use mediaroute::signals::{self, Stops};
+use mediaroute::{demo, duration, explain, server};
 use sd_notify::NotifyState;
 
 // glibc malloc showed up at ~6% of CPU per small request, and fragments under many
@@ -100,6 +101,9 @@ fn check(path: Option<&Path>) -> ExitCode {
             for u in &cfg.overridden_users {
                 println!("warning: user {u:?} is listed in both users_file and [users]; [users] wins");
             }
+            for w in &cfg.warnings {
+                println!("warning: {w}");
+            }
             println!(
                 "{}: ok ({} users, {} replica networks, delay {})",
                 path.display(),
@@ -146,16 +150,23 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(cfg: Config) -> anyhow::Result<()> {
     init_logging(&cfg);
     runtime()?.block_on(async {
+        // Before anything listens: a `systemctl reload` right after start must find them.
+        let (hangups, mut stops) = signals::install().context("cannot install signal handlers")?;
         let running = server::start(cfg).await?;
-        watch_reloads(&running);
+        tokio::spawn(server::reload::on_hangups(hangups, Arc::clone(&running.proxy), notify_reload));
         notify(&[NotifyState::Ready]);
-        wait_for_stop().await;
-        notify(&[NotifyState::Stopping]);
-        tracing::info!("stopping: finishing in-flight requests");
-        running.shutdown().await;
-        tracing::info!("stopped");
+        stop(&mut stops, running).await;
         Ok(())
     })
+}
+
+/// Waits for SIGTERM/SIGINT, then drains and stops the server.
+async fn stop(stops: &mut Stops, running: server::Running) {
+    stops.wait().await;
+    notify(&[NotifyState::Stopping]);
+    tracing::info!("stopping: finishing in-flight requests");
+    running.shutdown().await;
+    tracing::info!("stopped");
 }
 
 /// Tells systemd (`Type=notify`) about state changes; a no-op outside systemd.
@@ -165,53 +176,42 @@ fn notify(state: &[NotifyState]) {
     }
 }
 
-fn watch_reloads(running: &server::Running) {
-    tokio::spawn(reload::sighup_loop(Arc::clone(&running.proxy), |starting| {
-        if starting {
-            // systemd requires MONOTONIC_USEC with RELOADING=1.
-            match NotifyState::monotonic_usec_now() {
-                Ok(now) => notify(&[NotifyState::Reloading, now]),
-                Err(e) => tracing::debug!(error = %e, "cannot read the monotonic clock"),
-            }
-        } else {
-            notify(&[NotifyState::Ready]);
+/// RELOADING=1 before a reload, READY=1 after it.
+fn notify_reload(starting: bool) {
+    if starting {
+        // systemd requires MONOTONIC_USEC with RELOADING=1.
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => notify(&[NotifyState::Reloading, now]),
+            Err(e) => tracing::debug!(error = %e, "cannot read the monotonic clock"),
         }
-    }));
-}
-
-async fn wait_for_stop() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
+    } else {
+        notify(&[NotifyState::Ready]);
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn run_demo(path: Option<&Path>) -> anyhow::Result<()> {
     let cfg = demo::demo_config(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
     init_logging(&cfg);
     runtime()?.block_on(async {
+        let (hangups, mut stops) = signals::install().context("cannot install signal handlers")?;
         let d = demo::start(cfg).await?;
-        watch_reloads(&d.proxy);
+        tokio::spawn(server::reload::on_hangups(hangups, Arc::clone(&d.proxy.proxy), notify_reload));
         println!("mediaroute demo: proxy on http://{}", d.proxy.addr);
         println!("  primary upstream on http://{} (bucket studio-media)", d.primary.addr);
         println!("  replica upstream on http://{} (bucket studio-media-replica)", d.replica.addr);
         if let Some(admin) = d.proxy.admin_addr {
             println!("  admin on http://{admin} (/metrics /healthz /readyz /config)");
         }
+        for moved in &d.moved {
+            println!("  ({moved})");
+        }
         println!();
         println!("Try these (answers below each were just fetched):\n");
         print!("{}", d.tour().await);
         println!("Press Ctrl-C to stop.");
-        wait_for_stop().await;
-        d.proxy.shutdown().await;
+        let demo::Demo { proxy, primary, replica, .. } = d;
+        stop(&mut stops, proxy).await;
+        drop((primary, replica));
         Ok(())
     })
 }

@@ -1,4 +1,4 @@
-//! The metrics registry: names and labels are part of the contract (DESIGN.md section 5).
+//! The metrics registry: names and labels are part of the contract (README "Metrics").
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -15,6 +15,78 @@ use crate::table::Upstream;
 
 type Labels<const N: usize> = [(&'static str, &'static str); N];
 
+/// Why a replica answer sent a download to the primary (`mediaroute_fallbacks_total{cause}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallbackCause {
+    /// The replica answered 404: a replica miss.
+    NotFound,
+    /// The replica answered 403 (S3's answer for a missing key to a caller that may not list).
+    Denied,
+    /// The replica answered 5xx, or broke before a response head.
+    Error,
+    /// The replica could not be connected to.
+    Connect,
+    /// The replica sent no response head in time.
+    Timeout,
+}
+
+impl FallbackCause {
+    const ALL: [FallbackCause; 5] = [
+        FallbackCause::NotFound,
+        FallbackCause::Denied,
+        FallbackCause::Error,
+        FallbackCause::Connect,
+        FallbackCause::Timeout,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackCause::NotFound => "not-found",
+            FallbackCause::Denied => "denied",
+            FallbackCause::Error => "error",
+            FallbackCause::Connect => "connect",
+            FallbackCause::Timeout => "timeout",
+        }
+    }
+
+    /// Whether the replica lacks the key (rather than being broken).
+    pub fn is_miss(self) -> bool {
+        matches!(self, FallbackCause::NotFound | FallbackCause::Denied)
+    }
+}
+
+/// What one probe of the primary learned (`mediaroute_probes_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeResult {
+    /// The primary answered with the object's facts.
+    Ok,
+    /// The primary has no such object (404).
+    Missing,
+    /// The primary refused the client's credentials (401/403).
+    Denied,
+    /// Connection error, 5xx, or an answer without the facts asked for.
+    Error,
+    /// No answer within `limits.age_probe_timeout`.
+    Timeout,
+}
+
+impl ProbeResult {
+    const ALL: [ProbeResult; 5] =
+        [ProbeResult::Ok, ProbeResult::Missing, ProbeResult::Denied, ProbeResult::Error, ProbeResult::Timeout];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeResult::Ok => "ok",
+            ProbeResult::Missing => "missing",
+            ProbeResult::Denied => "denied",
+            ProbeResult::Error => "error",
+            ProbeResult::Timeout => "timeout",
+        }
+    }
+}
+
 /// Every metric mediaroute exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -24,7 +96,10 @@ pub struct Metrics {
     request_handles: Box<[OnceLock<Counter>]>,
     /// Per upstream (primary, replica, none): response bytes and durations.
     per_upstream: [(Counter, Histogram); 3],
-    fallbacks: Counter,
+    fallbacks: [Counter; FallbackCause::ALL.len()],
+    replica_misses: Counter,
+    probes: [Counter; ProbeResult::ALL.len()],
+    replication_lag: Histogram,
     reloads: Family<Labels<1>, Counter>,
     generation: Gauge,
     upstream_up: Family<Labels<1>, Gauge>,
@@ -43,30 +118,69 @@ impl Default for Metrics {
     }
 }
 
+/// The (upstream, reason) pairs a request can end with, each shown at 0 from the start
+/// so dashboards and alerts have a series before the first request.
+const KNOWN_ROUTES: [(usize, Option<Reason>); 10] = [
+    (0, Some(Reason::Write)),
+    (0, Some(Reason::NotObject)),
+    (0, Some(Reason::ModeNo)),
+    (0, Some(Reason::OutsideNetworks)),
+    (0, Some(Reason::ReplicaDown)),
+    (0, Some(Reason::TooYoung)),
+    (0, Some(Reason::AgeUnknown)),
+    (0, Some(Reason::Fallback)),
+    (1, Some(Reason::Replica)),
+    // Refused before any upstream.
+    (2, None),
+];
+
 impl Metrics {
-    /// Registers every metric, with zeroed series for the two upstreams.
+    /// Registers every metric family, with the known label sets at 0.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("mediaroute");
         let requests = Family::<Labels<3>, Counter>::default();
         let response_bytes = Family::<Labels<1>, Counter>::default();
         let upstream_duration =
             Family::<Labels<1>, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
-        let fallbacks = Counter::default();
+        let fallbacks = Family::<Labels<1>, Counter>::default();
+        let replica_misses = Counter::default();
+        let probes = Family::<Labels<1>, Counter>::default();
+        // Replication takes seconds to hours.
+        let replication_lag = Histogram::new([1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 4.0 * 3600.0]);
         let reloads = Family::<Labels<1>, Counter>::default();
         let generation = Gauge::default();
         let upstream_up = Family::<Labels<1>, Gauge>::default();
-        registry.register("requests", "Requests by upstream, routing reason and status class", requests.clone());
+        registry.register(
+            "requests",
+            "Requests by upstream, routing reason and status class (or client-closed)",
+            requests.clone(),
+        );
         registry.register("response_bytes", "Response body bytes sent to clients, by upstream", response_bytes.clone());
         registry.register(
             "upstream_duration_seconds",
             "Time from routing to the end of the response body, by upstream",
             upstream_duration.clone(),
         );
-        registry.register("fallbacks", "Replica misses or failures retried on the primary", fallbacks.clone());
+        registry.register(
+            "fallbacks",
+            "Downloads retried on the primary after the replica, by cause",
+            fallbacks.clone(),
+        );
+        registry.register(
+            "replica_misses",
+            "Replica answers of 404/403 for a download the primary then served",
+            replica_misses.clone(),
+        );
+        registry.register("probes", "Probes of the primary for an object's facts, by result", probes.clone());
+        registry.register(
+            "replication_lag_seconds",
+            "For objects seen PENDING and later COMPLETED, how long replication took (upper bound)",
+            replication_lag.clone(),
+        );
         registry.register("config_reloads", "Configuration reloads by result", reloads.clone());
         registry.register("config_generation", "Generation of the routing table in use", generation.clone());
         registry.register("upstream_up", "1 when the upstream is considered up", upstream_up.clone());
-        let per_upstream = ["primary", "replica", "none"].map(|u| {
+        let per_upstream = UPSTREAM_NAMES.map(|u| {
             let bytes = response_bytes.get_or_create(&[("upstream", u)]).clone();
             // Refused requests reached no upstream: their duration is not an upstream's.
             let duration = if u == "none" {
@@ -77,8 +191,28 @@ impl Metrics {
             (bytes, duration)
         });
         let request_handles = (0..UPSTREAMS * REASONS * CLASSES).map(|_| OnceLock::new()).collect();
-        let m =
-            Metrics { registry, requests, request_handles, per_upstream, fallbacks, reloads, generation, upstream_up };
+        let m = Metrics {
+            registry,
+            requests,
+            request_handles,
+            per_upstream,
+            fallbacks: FallbackCause::ALL.map(|c| fallbacks.get_or_create(&[("cause", c.as_str())]).clone()),
+            replica_misses,
+            probes: ProbeResult::ALL.map(|r| probes.get_or_create(&[("result", r.as_str())]).clone()),
+            replication_lag,
+            reloads,
+            generation,
+            upstream_up,
+        };
+        for (u, reason) in KNOWN_ROUTES {
+            for c in 0..CLASSES {
+                // Refused requests are answered 4xx by mediaroute itself, or the client left.
+                if u == 2 && reason.is_none() && c != 3 && c != CLIENT_CLOSED {
+                    continue;
+                }
+                m.request_counter(u, reason, c);
+            }
+        }
         for u in [Upstream::Primary, Upstream::Replica] {
             m.set_up(u, true);
         }
@@ -88,33 +222,59 @@ impl Metrics {
         m
     }
 
-    /// Counts one finished request.
-    pub fn request(&self, upstream: Option<Upstream>, reason: Option<Reason>, status: u16, bytes: u64, took: Duration) {
+    fn request_counter(&self, u: usize, reason: Option<Reason>, c: usize) -> &Counter {
+        // Reason is fieldless and `ALL` lists it in declaration order, so the discriminant is its index.
+        let r = reason.map_or(REASONS - 1, |r| r as usize);
+        self.request_handles[(u * REASONS + r) * CLASSES + c].get_or_init(|| {
+            let labels = [
+                ("upstream", UPSTREAM_NAMES[u]),
+                ("reason", reason.map_or("refused", Reason::as_str)),
+                ("status_class", CLASS_NAMES[c]),
+            ];
+            self.requests.get_or_create(&labels).clone()
+        })
+    }
+
+    /// Counts one finished request; `client_closed` when the client left before its end.
+    pub fn request(
+        &self,
+        upstream: Option<Upstream>,
+        reason: Option<Reason>,
+        status: u16,
+        client_closed: bool,
+        bytes: u64,
+        took: Duration,
+    ) {
         let u = match upstream {
             Some(Upstream::Primary) => 0,
             Some(Upstream::Replica) => 1,
             None => 2,
         };
-        // Reason is fieldless and `ALL` lists it in declaration order, so the discriminant is its index.
-        let r = reason.map_or(REASONS - 1, |r| r as usize);
-        let c = class_index(status);
-        let handle = self.request_handles[(u * REASONS + r) * CLASSES + c].get_or_init(|| {
-            let labels = [
-                ("upstream", ["primary", "replica", "none"][u]),
-                ("reason", reason.map_or("refused", Reason::as_str)),
-                ("status_class", CLASS_NAMES[c]),
-            ];
-            self.requests.get_or_create(&labels).clone()
-        });
-        handle.inc();
+        let c = if client_closed { CLIENT_CLOSED } else { class_index(status) };
+        self.request_counter(u, reason, c).inc();
         let (bytes_sent, duration) = &self.per_upstream[u];
         bytes_sent.inc_by(bytes);
         if upstream.is_some() {
             duration.observe(took.as_secs_f64());
         }
-        if reason == Some(Reason::Fallback) {
-            self.fallbacks.inc();
+    }
+
+    /// Counts a download sent to the primary after the replica, and a replica miss.
+    pub fn fallback(&self, cause: FallbackCause) {
+        self.fallbacks[cause as usize].inc();
+        if cause.is_miss() {
+            self.replica_misses.inc();
         }
+    }
+
+    /// Counts one probe of the primary.
+    pub fn probe(&self, result: ProbeResult) {
+        self.probes[result as usize].inc();
+    }
+
+    /// Records how long an object took to replicate.
+    pub fn replication_lag(&self, took: Duration) {
+        self.replication_lag.observe(took.as_secs_f64());
     }
 
     /// Counts a reload attempt and, when it worked, the new generation.
@@ -146,10 +306,12 @@ impl Metrics {
 }
 
 const UPSTREAMS: usize = 3;
+const UPSTREAM_NAMES: [&str; UPSTREAMS] = ["primary", "replica", "none"];
 /// Every reason plus `refused`.
 const REASONS: usize = Reason::ALL.len() + 1;
-const CLASSES: usize = 5;
-const CLASS_NAMES: [&str; CLASSES] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const CLASSES: usize = 6;
+const CLASS_NAMES: [&str; CLASSES] = ["1xx", "2xx", "3xx", "4xx", "5xx", "client-closed"];
+const CLIENT_CLOSED: usize = 5;
 
 fn class_index(status: u16) -> usize {
     match status {
@@ -168,9 +330,12 @@ mod tests {
     #[test]
     fn names_and_types_follow_the_contract() {
         let m = Metrics::new();
-        m.request(Some(Upstream::Replica), Some(Reason::Replica), 206, 1000, Duration::from_millis(20));
-        m.request(Some(Upstream::Primary), Some(Reason::Fallback), 200, 10, Duration::from_millis(5));
-        m.request(None, None, 403, 100, Duration::ZERO);
+        m.request(Some(Upstream::Replica), Some(Reason::Replica), 206, false, 1000, Duration::from_millis(20));
+        m.request(Some(Upstream::Primary), Some(Reason::Fallback), 200, false, 10, Duration::from_millis(5));
+        m.request(Some(Upstream::Primary), Some(Reason::Write), 499, true, 0, Duration::from_millis(5));
+        m.request(None, None, 403, false, 100, Duration::ZERO);
+        m.fallback(FallbackCause::NotFound);
+        m.probe(ProbeResult::Denied);
         m.reload(Some(2));
         m.reload(None);
         let text = m.render();
@@ -181,7 +346,11 @@ mod tests {
             "mediaroute_response_bytes_total{upstream=\"replica\"} 1000",
             "# TYPE mediaroute_upstream_duration_seconds histogram",
             "mediaroute_upstream_duration_seconds_bucket{le=\"0.025\",upstream=\"replica\"} 1",
-            "mediaroute_fallbacks_total 1",
+            "mediaroute_requests_total{upstream=\"primary\",reason=\"write\",status_class=\"client-closed\"} 1",
+            "mediaroute_fallbacks_total{cause=\"not-found\"} 1",
+            "mediaroute_fallbacks_total{cause=\"timeout\"} 0",
+            "mediaroute_replica_misses_total 1",
+            "mediaroute_probes_total{result=\"denied\"} 1",
             "mediaroute_config_reloads_total{result=\"ok\"} 1",
             "mediaroute_config_reloads_total{result=\"error\"} 1",
             "mediaroute_config_generation 2",
@@ -189,5 +358,34 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod from_the_start {
+    use super::*;
+
+    #[test]
+    fn every_family_is_present_before_the_first_request() {
+        let text = Metrics::new().render();
+        for line in [
+            "mediaroute_requests_total{upstream=\"replica\",reason=\"replica\",status_class=\"2xx\"} 0",
+            "mediaroute_requests_total{upstream=\"primary\",reason=\"fallback\",status_class=\"5xx\"} 0",
+            "mediaroute_requests_total{upstream=\"primary\",reason=\"write\",status_class=\"client-closed\"} 0",
+            "mediaroute_requests_total{upstream=\"none\",reason=\"refused\",status_class=\"4xx\"} 0",
+            "mediaroute_response_bytes_total{upstream=\"primary\"} 0",
+            "mediaroute_upstream_duration_seconds_count{upstream=\"replica\"} 0",
+            "mediaroute_fallbacks_total{cause=\"connect\"} 0",
+            "mediaroute_replica_misses_total 0",
+            "mediaroute_probes_total{result=\"ok\"} 0",
+            "mediaroute_replication_lag_seconds_count 0",
+            "mediaroute_config_reloads_total{result=\"ok\"} 0",
+            "mediaroute_config_generation 0",
+            "mediaroute_upstream_up{upstream=\"primary\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        let refused_2xx = "reason=\"refused\",status_class=\"2xx\"";
+        assert!(!text.contains(refused_2xx), "no impossible series");
     }
 }

@@ -1,4 +1,4 @@
-//! The request path: decide, rewrite, forward, fall back, stream back.
+//! The request path: admit, decide, rewrite, forward, fall back, stream back.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -13,17 +13,16 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::access::AccessRecord;
-use crate::age::{AgeCache, Probe, parse_last_modified};
-use crate::body::{ReqBody, RespBody};
+use crate::age::{AgeCache, ObjectKey, Probe, parse_last_modified};
+use crate::body::{ClientFault, ReqBody, RespBody};
 use crate::client;
 use crate::config::Config;
-use crate::error::{ProxyError, error_chain};
+use crate::error::ProxyError;
 use crate::headers::{X_MEDIAROUTE_REASON, X_MEDIAROUTE_UPSTREAM, append_forwarded_for, remove_hop_by_hop};
-use crate::metrics::Metrics;
-use crate::reload::Tables;
+use crate::metrics::{FallbackCause, Metrics, ProbeResult};
 use crate::route::{self, Age, Reason, RequestFacts};
-use crate::table::{RoutingTable, Upstream};
-use crate::upstream::Upstreams;
+use crate::table::{Addressing, RoutingTable, Tables, Upstream};
+use crate::upstream::{ExchangeError, SendError, Upstreams, error_chain};
 
 /// Shared state of the proxy service.
 #[derive(Debug)]
@@ -93,6 +92,7 @@ impl Proxy {
     pub async fn serve(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
         let table = self.tables.current();
         let (mut parts, body) = req.into_parts();
+        // Dropped with the request if the client goes away first: then it logs a 499.
         let mut rec = Box::new(AccessRecord {
             start: Instant::now(),
             user: None,
@@ -105,6 +105,7 @@ impl Proxy {
             bytes: 0,
             complete: false,
             upstream_error: false,
+            client_closed: false,
             metrics: Some(Arc::clone(&self.metrics)),
         });
         let resp = match self.forward(&table, &mut parts, body, peer, &mut rec).await {
@@ -116,6 +117,14 @@ impl Proxy {
                         tracing::warn!(error = %error_chain(&e), path = &*rec.path, "upstream request failed");
                         rec.upstream = Some(*upstream);
                         label(resp.headers_mut(), *upstream, rec.reason);
+                    }
+                    ProxyError::Client(fault) => {
+                        // The client's doing: no alert-worthy log line, no health failure.
+                        tracing::debug!(error = %e, path = &*rec.path, "client side of the request failed");
+                        rec.client_closed = *fault == ClientFault::Closed;
+                        if let Some(u) = rec.upstream {
+                            label(resp.headers_mut(), u, rec.reason);
+                        }
                     }
                     _ => tracing::debug!(error = %e, "request refused"),
                 }
@@ -134,53 +143,56 @@ impl Proxy {
         peer: SocketAddr,
         rec: &mut AccessRecord,
     ) -> Result<Response<RespBody>, ProxyError> {
-        if parts.method == Method::CONNECT || !parts.uri.path().starts_with('/') {
-            return Err(ProxyError::BadRequest("the request target must be a path starting with /"));
-        }
-        if has_dot_segment(parts.uri.path()) {
-            // An upstream that normalises paths would let `/bucket/../other` escape the bucket.
-            return Err(ProxyError::BadRequest("the path must not contain . or .. segments"));
-        }
         let query = parts.uri.query();
         let ctx = client::context(table, peer.ip(), &parts.headers, query);
         rec.client = ctx.ip;
-        if let Err(refused) = check_bucket(table, parts.uri.path()) {
-            rec.user = ctx.user;
-            return Err(refused);
-        }
+        let admitted = match route::admit(table, parts.method == Method::CONNECT, parts.uri.path(), query) {
+            Ok(a) => a,
+            Err(refusal) => {
+                rec.user = ctx.user;
+                return Err(ProxyError::Refused(refusal));
+            }
+        };
 
         let read = parts.method == Method::GET || parts.method == Method::HEAD;
         let facts = RequestFacts {
             read,
-            object: route::is_object(parts.uri.path(), query),
+            object: admitted.object,
             replica_down: self.upstreams.health(Upstream::Replica).is_down(),
         };
+        let key = ObjectKey::new(parts.uri.path(), query);
         let mut out = outgoing(table, &parts.method, &parts.uri, &mut parts.headers, peer);
         let age =
-            if route::needs_age(table, &ctx, &facts) { self.probe_age(table, &out).await } else { Age::NotProbed };
+            if route::needs_age(table, &ctx, &facts) { self.probe_age(table, &out, key).await } else { Age::NotProbed };
         let (upstream, reason) = route::decide(table, &ctx, &facts, age);
         rec.user = ctx.user;
         rec.upstream = Some(upstream);
         rec.reason = Some(reason);
 
-        let body = if read { ReqBody::Empty } else { ReqBody::Stream(body) };
         if upstream == Upstream::Replica {
             // Keep a copy of the head only if the primary may still need it.
             let headers = if table.fallback { out.headers.clone() } else { std::mem::take(&mut out.headers) };
             let req = build_request(table, Upstream::Replica, out.method.clone(), &out, headers, ReqBody::Empty)?;
-            match self.upstreams.send(Upstream::Replica, req).await {
-                Ok(resp) if !table.fallback || !replica_missed(resp.status()) => {
-                    return Ok(to_client(resp, Upstream::Replica, reason));
+            let cause = match self.upstreams.send(Upstream::Replica, req).await {
+                Ok(resp) => match replica_missed(resp.status()).filter(|_| table.fallback) {
+                    None => return Ok(to_client(resp, Upstream::Replica, reason)),
+                    Some(cause) => {
+                        tracing::debug!(
+                            path = out.path,
+                            status = resp.status().as_u16(),
+                            "replica missed; falling back"
+                        );
+                        drain_small(resp).await;
+                        cause
+                    }
+                },
+                Err(ExchangeError::Upstream(e)) if table.fallback => {
+                    tracing::debug!(path = out.path, error = %error_chain(&e), "replica failed; falling back");
+                    failure_cause(&e)
                 }
-                Ok(resp) => {
-                    tracing::debug!(path = out.path, status = resp.status().as_u16(), "replica missed; falling back");
-                    drain_small(resp).await;
-                }
-                Err(e) if !table.fallback => {
-                    return Err(ProxyError::Upstream { upstream: Upstream::Replica, source: e });
-                }
-                Err(e) => tracing::debug!(path = out.path, error = %error_chain(&e), "replica failed; falling back"),
-            }
+                Err(e) => return Err(ProxyError::exchange(Upstream::Replica, e)),
+            };
+            self.metrics.fallback(cause);
             rec.upstream = Some(Upstream::Primary);
             rec.reason = Some(Reason::Fallback);
             let headers = std::mem::take(&mut out.headers);
@@ -188,21 +200,32 @@ impl Proxy {
             return self.send_primary(req, Reason::Fallback).await;
         }
         let headers = std::mem::take(&mut out.headers);
+        let body = if read { ReqBody::Empty } else { ReqBody::stream(body) };
         let req = build_request(table, Upstream::Primary, out.method.clone(), &out, headers, body)?;
-        self.send_primary(req, reason).await
+        let answer = self.send_primary(req, reason).await;
+        if !read {
+            // Whatever the answer, what was known of the written key may be stale now.
+            if admitted.key {
+                self.ages.forget(out.path);
+            } else if names_multi_delete(query) {
+                // The keys are in the body, which is streamed, not read.
+                self.ages.clear();
+            }
+        }
+        answer
     }
 
     async fn send_primary(&self, req: Request<ReqBody>, reason: Reason) -> Result<Response<RespBody>, ProxyError> {
         match self.upstreams.send(Upstream::Primary, req).await {
             Ok(resp) => Ok(to_client(resp, Upstream::Primary, reason)),
-            Err(source) => Err(ProxyError::Upstream { upstream: Upstream::Primary, source }),
+            Err(e) => Err(ProxyError::exchange(Upstream::Primary, e)),
         }
     }
 
     /// Learns the object's age from a `HEAD` to the primary, through the cache.
-    async fn probe_age(&self, table: &RoutingTable, out: &Outgoing<'_>) -> Age {
+    async fn probe_age(&self, table: &RoutingTable, out: &Outgoing<'_>, key: ObjectKey<'_>) -> Age {
         self.ages
-            .age(out.path, table.delay, || async {
+            .age(key, table.delay, || async {
                 let mut headers = out.headers.clone();
                 for h in [
                     header::RANGE,
@@ -218,39 +241,43 @@ impl Proxy {
                     return Probe::Failed;
                 };
                 let sent = tokio::time::timeout(self.probe_timeout, self.upstreams.client().request(req)).await;
-                match sent {
-                    Ok(Ok(resp)) if resp.status().is_success() => resp
-                        .headers()
-                        .get(header::LAST_MODIFIED)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_last_modified)
-                        .map_or(Probe::Failed, Probe::Modified),
-                    Ok(Ok(resp)) if resp.status() == StatusCode::NOT_FOUND => Probe::Missing,
+                let (result, probe) = match sent {
+                    Ok(Ok(resp)) if resp.status().is_success() => {
+                        let modified = resp
+                            .headers()
+                            .get(header::LAST_MODIFIED)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(parse_last_modified);
+                        match modified {
+                            Some(t) => (ProbeResult::Ok, Probe::Modified(t)),
+                            None => (ProbeResult::Error, Probe::Failed),
+                        }
+                    }
+                    Ok(Ok(resp)) if resp.status() == StatusCode::NOT_FOUND => (ProbeResult::Missing, Probe::Missing),
                     Ok(Ok(resp)) => {
                         tracing::debug!(status = resp.status().as_u16(), "age probe refused");
-                        Probe::Failed
+                        let denied = matches!(resp.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
+                        (if denied { ProbeResult::Denied } else { ProbeResult::Error }, Probe::Failed)
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(error = %error_chain(&e), "age probe failed");
-                        Probe::Failed
+                        (ProbeResult::Error, Probe::Failed)
                     }
                     Err(_) => {
                         tracing::debug!("age probe timed out");
-                        Probe::Failed
+                        (ProbeResult::Timeout, Probe::Failed)
                     }
-                }
+                };
+                self.metrics.probe(result);
+                probe
             })
             .await
     }
 }
 
-/// With bucket mapping, only the primary bucket may be addressed.
-fn check_bucket(table: &RoutingTable, path: &str) -> Result<(), ProxyError> {
-    let Some(bucket) = table.primary.bucket.as_deref() else {
-        return Ok(());
-    };
-    let first = path.strip_prefix('/').unwrap_or(path).split('/').next().unwrap_or("");
-    if first == bucket { Ok(()) } else { Err(ProxyError::ForeignBucket) }
+/// Whether a query is S3's multi-object delete (`POST /bucket?delete`).
+fn names_multi_delete(query: Option<&str>) -> bool {
+    query.is_some_and(|q| q.split('&').any(|pair| pair == "delete" || pair.starts_with("delete=")))
 }
 
 /// Reads a small error body to its end so the upstream connection can be reused.
@@ -263,15 +290,24 @@ async fn drain_small(resp: Response<Incoming>) {
     }
 }
 
-/// Whether any path segment is `.` or `..`, literally or percent-encoded.
-fn has_dot_segment(path: &str) -> bool {
-    path.split('/')
-        .any(|seg| [".", "..", "%2e", "%2e%2e", ".%2e", "%2e."].iter().any(|dot| seg.eq_ignore_ascii_case(dot)))
+/// The replica answers that send a download to the primary: "the replica does not have
+/// it (yet)" or "the replica is broken".
+fn replica_missed(status: StatusCode) -> Option<FallbackCause> {
+    match status {
+        StatusCode::NOT_FOUND => Some(FallbackCause::NotFound),
+        StatusCode::FORBIDDEN => Some(FallbackCause::Denied),
+        s if s.is_server_error() => Some(FallbackCause::Error),
+        _ => None,
+    }
 }
 
-/// The statuses that mean "the replica does not have it (yet)" or "the replica is broken".
-fn replica_missed(status: StatusCode) -> bool {
-    status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN || status.is_server_error()
+/// The fallback cause of a replica that gave no answer.
+fn failure_cause(e: &SendError) -> FallbackCause {
+    match e {
+        SendError::Connect(_) => FallbackCause::Connect,
+        SendError::Timeout(_) | SendError::Stalled(_) => FallbackCause::Timeout,
+        SendError::Failed(_) => FallbackCause::Error,
+    }
 }
 
 /// Strips identity and hop-by-hop headers and keeps what both upstreams get.
@@ -307,11 +343,12 @@ fn build_request(
 ) -> Result<Request<ReqBody>, ProxyError> {
     let target = table.target(to);
     let mut pq = String::with_capacity(out.path.len() + out.query.as_deref().map_or(0, |q| q.len() + 1) + 16);
-    match (to, table.primary.bucket.as_deref(), target.bucket.as_deref()) {
-        (Upstream::Replica, Some(from), Some(to_bucket)) => {
-            let rest = out.path.strip_prefix('/').and_then(|p| p.strip_prefix(from)).unwrap_or("");
+    match (to, table.addressing()) {
+        (Upstream::Replica, Addressing::PathStyle { primary, replica }) => {
+            // Admission checked that the first segment is the primary bucket.
+            let rest = out.path.strip_prefix('/').and_then(|p| p.strip_prefix(primary)).unwrap_or("");
             pq.push('/');
-            pq.push_str(to_bucket);
+            pq.push_str(replica);
             pq.push_str(rest);
         }
         _ => pq.push_str(out.path),
@@ -354,12 +391,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dot_segments_are_found_in_any_spelling() {
-        for p in ["/b/../x", "/b/./x", "/b/%2e%2E/x", "/b/.%2e/x", "/b/%2E", "/.."] {
-            assert!(has_dot_segment(p), "{p}");
+    fn replica_answers_that_fall_back_and_their_causes() {
+        let cause = |s: u16| replica_missed(StatusCode::from_u16(s).unwrap());
+        assert_eq!(cause(404), Some(FallbackCause::NotFound));
+        assert_eq!(cause(403), Some(FallbackCause::Denied));
+        assert_eq!(cause(500), Some(FallbackCause::Error));
+        assert_eq!(cause(503), Some(FallbackCause::Error));
+        for kept in [200, 206, 304, 400, 412, 416] {
+            assert_eq!(cause(kept), None, "{kept}");
         }
-        for p in ["/b/x", "/b/..x", "/b/x.mov", "/b/.hidden", "/b/%2e%2ex"] {
-            assert!(!has_dot_segment(p), "{p}");
-        }
+    }
+
+    #[test]
+    fn multi_object_delete_is_recognised() {
+        assert!(names_multi_delete(Some("delete")));
+        assert!(names_multi_delete(Some("x-id=DeleteObjects&delete=")));
+        assert!(!names_multi_delete(Some("deleted=1")));
+        assert!(!names_multi_delete(None));
     }
 }

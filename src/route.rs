@@ -1,13 +1,13 @@
-//! The routing decision: the rules of DESIGN.md section 2, as a pure function.
+//! Admission and the routing decision (README "How a download is routed"), as pure functions.
 //!
-//! Nothing here does IO or knows about HTTP types; the proxy gathers the facts
-//! (who, where, which request, how old the object is) and asks.
+//! Nothing here does IO or knows about HTTP types; the proxy and `explain` gather the
+//! facts (who, where, which request, how old the object is) and ask the same functions.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::config::Mode;
-use crate::table::{RoutingTable, Upstream};
+use crate::table::{Addressing, RoutingTable, Upstream};
 
 /// Why a request went where it went; also the metric label and access-log field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -173,22 +173,66 @@ const SUB_RESOURCES: &[&str] = &[
     "website",
 ];
 
-/// Whether a path and query address one object (rule 2 is the negation).
+/// Why a request is refused before any upstream sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The target is not a path (`*`, authority-form, `CONNECT`): 400.
+    NotAPath,
+    /// A `.` or `..` segment, literal or percent-encoded: 400.
+    DotSegment,
+    /// Path-style, and the first segment is not the primary bucket: 403.
+    ForeignBucket,
+}
+
+/// A request that may be forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// The path names a key, whatever the query (a write to it changes that object).
+    pub key: bool,
+    /// The path and query address one object (rule 2 is the negation).
+    pub object: bool,
+}
+
+/// Decides whether a request may be forwarded at all, and whether it addresses an object.
 ///
-/// `/`, `/{bucket}` and `/{bucket}/` name no object; a query naming an S3
-/// sub-resource (`?acl`, `?uploadId=...`) is not a plain object read either.
-pub fn is_object(path: &str, query: Option<&str>) -> bool {
-    let rest = path.strip_prefix('/').unwrap_or(path);
-    let Some((bucket, key)) = rest.split_once('/') else {
-        return false;
-    };
-    if bucket.is_empty() || key.is_empty() {
-        return false;
+/// `connect` is true for the `CONNECT` method; `path` and `query` are the request
+/// target's, raw. The server and `explain` both call this, so they cannot disagree.
+pub fn admit(table: &RoutingTable, connect: bool, path: &str, query: Option<&str>) -> Result<Admitted, Refusal> {
+    if connect || !path.starts_with('/') {
+        return Err(Refusal::NotAPath);
     }
-    let Some(query) = query else { return true };
-    !query.split('&').any(|pair| {
-        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
-        SUB_RESOURCES.contains(&name)
+    if has_dot_segment(path) {
+        // An upstream that normalises paths would let `/bucket/../other` escape the bucket.
+        return Err(Refusal::DotSegment);
+    }
+    let key = match table.addressing() {
+        Addressing::PathStyle { primary, .. } => {
+            let rest = &path[1..];
+            let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket != primary {
+                return Err(Refusal::ForeignBucket);
+            }
+            !key.is_empty()
+        }
+        // The upstream serves one bucket: the path is the key, `/` is the bucket itself.
+        Addressing::BucketBound => path.len() > 1,
+    };
+    Ok(Admitted { key, object: key && !names_sub_resource(query) })
+}
+
+/// Whether any path segment is `.` or `..`, literally or percent-encoded.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/')
+        .any(|seg| [".", "..", "%2e", "%2e%2e", ".%2e", "%2e."].iter().any(|dot| seg.eq_ignore_ascii_case(dot)))
+}
+
+/// Whether a query names an S3 sub-resource (`?acl`, `?uploadId=...`): not a plain object read.
+fn names_sub_resource(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&').any(|pair| {
+            let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+            SUB_RESOURCES.contains(&name)
+        })
     })
 }
 

@@ -1,12 +1,17 @@
-//! The routing table: an immutable snapshot built once per config load.
+//! The routing table: an immutable snapshot built once per config load, and the
+//! holder that requests load it from and reloads swap it into.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use ipnet::IpNet;
 
-use crate::config::{Config, Mode};
+use crate::config::{self, Config, ConfigErrors, Mode};
 
 /// One of the two upstreams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -106,14 +111,38 @@ mod num_succ {
 }
 
 /// Where one upstream is and which bucket it holds.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamTarget {
     /// `http` or `https`.
     pub scheme: http::uri::Scheme,
     /// Host and port.
     pub authority: http::uri::Authority,
-    /// Bucket name when buckets are mapped.
+    /// Bucket name when requests are path-style (README "Buckets and addressing").
     pub bucket: Option<Box<str>>,
+    /// Path of the active health check's `HEAD` (README "Health").
+    pub health_path: Box<str>,
+}
+
+impl UpstreamTarget {
+    /// Whether two targets are the same place: same scheme, host, port and bucket.
+    pub fn same_place(&self, other: &UpstreamTarget) -> bool {
+        self.scheme == other.scheme && self.authority == other.authority && self.bucket == other.bucket
+    }
+}
+
+/// How request paths name buckets and keys (README "Buckets and addressing").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressing<'a> {
+    /// `/{bucket}/{key}`: the first segment is the primary bucket, swapped for the
+    /// replica's when a request goes there.
+    PathStyle {
+        /// The bucket clients address.
+        primary: &'a str,
+        /// The bucket the replica holds.
+        replica: &'a str,
+    },
+    /// Each upstream serves one bucket: the path is the key and passes unchanged.
+    BucketBound,
 }
 
 /// Everything a request needs to be routed, frozen at load time.
@@ -164,8 +193,8 @@ impl RoutingTable {
             user_query: cfg.identity.user_query.as_deref().map(Box::from),
             delay: cfg.replication.delay,
             fallback: cfg.replication.fallback,
-            primary: target(&cfg.primary),
-            replica: target(&cfg.replica),
+            primary: target(&cfg.primary, cfg.health.path.as_deref()),
+            replica: target(&cfg.replica, cfg.health.path.as_deref()),
             generation,
             loaded_at: SystemTime::now(),
         }
@@ -181,6 +210,15 @@ impl RoutingTable {
         self.users.len()
     }
 
+    /// How paths address objects (README "Buckets and addressing").
+    pub fn addressing(&self) -> Addressing<'_> {
+        // Validation sets both buckets or neither.
+        match (self.primary.bucket.as_deref(), self.replica.bucket.as_deref()) {
+            (Some(primary), Some(replica)) => Addressing::PathStyle { primary, replica },
+            _ => Addressing::BucketBound,
+        }
+    }
+
     /// The target of one upstream.
     pub fn target(&self, which: Upstream) -> &UpstreamTarget {
         match which {
@@ -190,13 +228,99 @@ impl RoutingTable {
     }
 }
 
-fn target(u: &crate::config::UpstreamConfig) -> UpstreamTarget {
+/// The upstream's place; its check path is its own `health_path`, else the deprecated
+/// global `health.path`, else its bucket (`/{bucket}` path-style, `/` bucket-bound).
+fn target(u: &crate::config::UpstreamConfig, global_health_path: Option<&str>) -> UpstreamTarget {
     let parts = u.url.clone().into_parts();
+    let health_path = match (u.health_path.as_deref().or(global_health_path), u.bucket.as_deref()) {
+        (Some(p), _) => Box::from(p),
+        (None, Some(bucket)) => format!("/{bucket}").into_boxed_str(),
+        (None, None) => Box::from("/"),
+    };
     UpstreamTarget {
         scheme: parts.scheme.unwrap_or(http::uri::Scheme::HTTP),
         authority: parts.authority.unwrap_or_else(|| http::uri::Authority::from_static("localhost")),
         bucket: u.bucket.as_deref().map(Box::from),
+        health_path,
     }
+}
+
+/// Holds the current routing table; requests load it once, reloads swap it whole.
+#[derive(Debug)]
+pub struct Tables {
+    current: ArcSwap<RoutingTable>,
+    path: PathBuf,
+    generation: AtomicU64,
+    started_with: Config,
+}
+
+/// What a successful reload changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The new table's generation.
+    pub generation: u64,
+    /// Settings that changed in the file but need a restart to take effect.
+    pub needs_restart: Vec<&'static str>,
+    /// Warnings about the new config (deprecated settings and the like).
+    pub warnings: Vec<String>,
+}
+
+impl Tables {
+    /// Starts with the table built from `cfg` (generation 1).
+    pub fn new(cfg: Config) -> Tables {
+        Tables {
+            current: ArcSwap::from_pointee(RoutingTable::build(&cfg, 1)),
+            path: cfg.path.clone(),
+            generation: AtomicU64::new(1),
+            started_with: cfg,
+        }
+    }
+
+    /// The table for one request; keep it for the whole request.
+    pub fn current(&self) -> Arc<RoutingTable> {
+        self.current.load_full()
+    }
+
+    /// The config file reloads read.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Re-reads the config file and swaps in a new table; on error the old one stays.
+    ///
+    /// Runs on a blocking thread: reading files and building a large table take a while.
+    pub fn reload(&self) -> Result<Reloaded, ConfigErrors> {
+        let cfg = config::load(&self.path)?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let table = RoutingTable::build(&cfg, generation);
+        // One store: a request sees the whole old table or the whole new one.
+        self.current.store(Arc::new(table));
+        Ok(Reloaded {
+            generation,
+            needs_restart: restart_only_changes(&self.started_with, &cfg),
+            warnings: cfg.warnings,
+        })
+    }
+}
+
+/// Settings read only at start-up that differ between two configs.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.listen != new.listen {
+        changed.push("listen");
+    }
+    if old.limits != new.limits {
+        changed.push("limits");
+    }
+    // The check path lives in the table and follows reloads; interval and thresholds do not.
+    let timing = |h: &config::Health| (h.interval, h.timeout, h.rise, h.fall);
+    if timing(&old.health) != timing(&new.health) {
+        changed.push("health");
+    }
+    if old.log != new.log {
+        changed.push("log");
+    }
+    changed
 }
 
 #[cfg(test)]

@@ -11,11 +11,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::ReqBody;
+use crate::body::{ClientFault, Overdue, ReqBody};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::reload::Tables;
-use crate::table::Upstream;
+use crate::table::{Tables, Upstream};
 
 /// Largest read buffer per upstream connection.
 const UPSTREAM_READ_BUF: usize = 64 * 1024;
@@ -117,18 +116,33 @@ impl Health {
     }
 }
 
-/// Why an upstream exchange produced no response head.
+/// Why an upstream exchange produced no response head, on the upstream's side.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// The connection could not be made (refused, unreachable, connect timeout, TLS).
     #[error("unreachable")]
     Connect(#[source] hyper_util::client::legacy::Error),
-    /// No response head within `limits.upstream_header_timeout`.
-    #[error("no response within {0:?}")]
+    /// No response head within `limits.upstream_header_timeout` of the request's end.
+    #[error("no response within {0:?} of the request's end")]
     Timeout(Duration),
+    /// The upstream took no request body bytes for `limits.idle_timeout`.
+    #[error("took no request body bytes for {0:?}")]
+    Stalled(Duration),
     /// The connection broke before a response head arrived.
     #[error("connection failed")]
     Failed(#[source] hyper_util::client::legacy::Error),
+}
+
+/// A failed exchange, and which side it failed on (README "Errors"): only upstream
+/// failures count against an upstream's health.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The upstream failed.
+    #[error(transparent)]
+    Upstream(#[from] SendError),
+    /// The client failed: it went away or stopped sending its upload.
+    #[error(transparent)]
+    Client(#[from] ClientFault),
 }
 
 /// The upstream client plus health state, shared by all requests.
@@ -138,6 +152,7 @@ pub struct Upstreams {
     primary: Health,
     replica: Health,
     header_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl Upstreams {
@@ -149,6 +164,7 @@ impl Upstreams {
             primary: Health::new(Upstream::Primary, h.rise, h.fall, Arc::clone(metrics)),
             replica: Health::new(Upstream::Replica, h.rise, h.fall, Arc::clone(metrics)),
             header_timeout: cfg.limits.upstream_header_timeout,
+            idle_timeout: cfg.limits.idle_timeout,
         }
     }
 
@@ -162,24 +178,50 @@ impl Upstreams {
 
     /// Sends a request (its URI already absolute) and waits for the response head.
     ///
-    /// Connect failures and timeouts count against the upstream's health; any
-    /// response counts for it.
-    pub async fn send(&self, which: Upstream, req: Request<ReqBody>) -> Result<Response<Incoming>, SendError> {
+    /// The header timeout starts when the request body has been sent; while the body is
+    /// in progress only a lack of progress (`idle_timeout`) ends the exchange (README
+    /// "Limits and timeouts"). Connect errors, broken connections, timeouts and 5xx
+    /// answers count against the upstream's health, other answers for it; failures on
+    /// the client's side count neither way.
+    pub async fn send(&self, which: Upstream, req: Request<ReqBody>) -> Result<Response<Incoming>, ExchangeError> {
         let health = self.health(which);
-        match tokio::time::timeout(self.header_timeout, self.client.request(req)).await {
+        let progress = req.body().progress().cloned();
+        let exchange = self.client.request(req);
+        let outcome = match &progress {
+            None => tokio::time::timeout(self.header_timeout, exchange).await.map_err(|_| Overdue::NoAnswer),
+            Some(p) => tokio::select! {
+                r = exchange => Ok(r),
+                o = p.overdue(self.idle_timeout, self.header_timeout) => Err(o),
+            },
+        };
+        match outcome {
             Ok(Ok(resp)) => {
-                health.success();
+                if resp.status().is_server_error() {
+                    health.failure("answered 5xx");
+                } else {
+                    health.success();
+                }
                 Ok(resp)
             }
+            // The client's body broke off: hyper reports it as a failed exchange.
+            Ok(Err(_)) if progress.as_ref().is_some_and(|p| p.client_failed()) => Err(ClientFault::Closed.into()),
             Ok(Err(e)) if e.is_connect() => {
                 health.failure("connect error");
-                Err(SendError::Connect(e))
+                Err(SendError::Connect(e).into())
             }
-            Ok(Err(e)) => Err(SendError::Failed(e)),
-            Err(_) => {
+            Ok(Err(e)) => {
+                health.failure("connection failed");
+                Err(SendError::Failed(e).into())
+            }
+            Err(Overdue::NoAnswer) => {
                 health.failure("response timeout");
-                Err(SendError::Timeout(self.header_timeout))
+                Err(SendError::Timeout(self.header_timeout).into())
             }
+            Err(Overdue::Upstream) => {
+                health.failure("request body stalled");
+                Err(SendError::Stalled(self.idle_timeout).into())
+            }
+            Err(Overdue::Client) => Err(ClientFault::Stalled(self.idle_timeout).into()),
         }
     }
 
@@ -189,10 +231,27 @@ impl Upstreams {
     }
 }
 
-/// Checks both upstreams every `interval` with a `HEAD` of `path`, forever.
+/// An error and its causes on one line (hyper's top-level messages are terse).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+/// Whether an active check's answer says the upstream is down.
 ///
-/// Any answer below 500 counts as up (S3 answers 403 or 404 to anonymous probes);
-/// 5xx, connect errors and timeouts count as failures.
+/// An S3 endpoint that answers at all is up (real ones answer a bare `HEAD` with 403,
+/// 404, 405 or 501): only gateway errors mean the S3 behind a proxy is unreachable.
+fn check_failed(status: http::StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504)
+}
+
+/// Checks both upstreams every `interval` with a `HEAD` of their check path, forever.
 pub async fn check_loop(upstreams: Arc<Upstreams>, tables: Arc<Tables>, health: crate::config::Health) {
     // The first check waits one interval: at start-up nothing is known to be wrong.
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + health.interval, health.interval);
@@ -205,7 +264,7 @@ pub async fn check_loop(upstreams: Arc<Upstreams>, tables: Arc<Tables>, health: 
             let uri = Uri::builder()
                 .scheme(target.scheme.clone())
                 .authority(target.authority.clone())
-                .path_and_query(health.path.as_str())
+                .path_and_query(&*target.health_path)
                 .build();
             let upstreams = Arc::clone(&upstreams);
             async move {
@@ -215,14 +274,14 @@ pub async fn check_loop(upstreams: Arc<Upstreams>, tables: Arc<Tables>, health: 
                 *req.uri_mut() = uri;
                 let h = upstreams.health(which);
                 match tokio::time::timeout(health.timeout, upstreams.client.request(req)).await {
-                    Ok(Ok(resp)) if resp.status().is_server_error() => {
+                    Ok(Ok(resp)) if check_failed(resp.status()) => {
                         h.failure(&format!("check answered {}", resp.status().as_u16()));
                     }
                     Ok(Ok(_)) => {
                         h.success();
                     }
                     Ok(Err(e)) => {
-                        h.failure(&format!("check failed: {e}"));
+                        h.failure(&format!("check failed: {}", error_chain(&e)));
                     }
                     Err(_) => {
                         h.failure("check timed out");
@@ -261,5 +320,20 @@ mod tests {
         h.success();
         assert!(!h.failure("x"));
         assert!(!h.is_down());
+    }
+}
+
+#[cfg(test)]
+mod check_tests {
+    use super::*;
+
+    #[test]
+    fn only_gateway_errors_fail_a_check() {
+        for ok in [200, 204, 301, 400, 403, 404, 405, 500, 501, 505] {
+            assert!(!check_failed(http::StatusCode::from_u16(ok).unwrap()), "{ok}");
+        }
+        for bad in [502, 503, 504] {
+            assert!(check_failed(http::StatusCode::from_u16(bad).unwrap()), "{bad}");
+        }
     }
 }

@@ -56,6 +56,7 @@ pub(super) struct RawUpstream {
     pub(super) auth: Option<S>,
     pub(super) credentials_file: Option<S>,
     pub(super) profile: Option<S>,
+    pub(super) health_path: Option<S>,
 }
 
 #[derive(Deserialize)]

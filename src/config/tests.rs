@@ -166,3 +166,34 @@ fn durations_are_bounded_and_timeouts_positive() {
     let errs = errors(&format!("{GOOD}\n[limits]\nmax_header_size = 1024\n"));
     assert!(errs[0].contains("limits.max_header_size: 1024 is too small"), "{}", errs[0]);
 }
+
+#[test]
+fn timeouts_that_cannot_work_together_are_refused() {
+    let errs = errors(&format!("{GOOD}\n[limits]\nupstream_header_timeout = \"2s\"\n[health]\ninterval = \"1s\"\n"));
+    assert_eq!(
+        errs,
+        vec![
+            "/etc/mr/m.toml: limits.upstream_connect_timeout: 3s must be shorter than limits.upstream_header_timeout (2s)",
+            "/etc/mr/m.toml: health.timeout: 2s must not be longer than health.interval (1s)",
+        ]
+    );
+    let ok = format!(
+        "{GOOD}\n[limits]\nupstream_header_timeout = \"2s\"\nupstream_connect_timeout = \"1s\"\n[health]\ninterval = \"1s\"\ntimeout = \"1s\"\n"
+    );
+    assert!(parse_str(&ok).is_ok());
+}
+
+#[test]
+fn health_paths_default_to_the_bucket_and_the_global_path_is_deprecated() {
+    let cfg = parse_str(GOOD).unwrap();
+    assert!(cfg.warnings.is_empty());
+    let src =
+        GOOD.replace("url = \"http://127.0.0.1:9001\"", "url = \"http://127.0.0.1:9001\"\nhealth_path = \"/ping\"");
+    assert_eq!(parse_str(&src).unwrap().primary.health_path.as_deref(), Some("/ping"));
+    let bad =
+        GOOD.replace("url = \"http://127.0.0.1:9001\"", "url = \"http://127.0.0.1:9001\"\nhealth_path = \"ping\"");
+    assert_eq!(errors(&bad), vec!["/etc/mr/m.toml:8:15: primary.health_path: \"ping\" is not a path starting with /"]);
+    let cfg = parse_str(&format!("{GOOD}\n[health]\npath = \"/\"\n")).unwrap();
+    assert_eq!(cfg.health.path.as_deref(), Some("/"));
+    assert!(cfg.warnings[0].contains("health.path is deprecated"), "{:?}", cfg.warnings);
+}

@@ -117,7 +117,17 @@ impl Validator<'_> {
         }
         let limits = self.limits(raw.limits);
         let health = self.health(raw.health);
+        if let (Some(l), Some(h)) = (&limits, &health) {
+            self.timeout_relations(l, h);
+        }
         let log = self.log(raw.log);
+        let mut warnings = Vec::new();
+        if health.as_ref().is_some_and(|h| h.path.is_some()) {
+            warnings.push(
+                "health.path is deprecated: set primary.health_path and replica.health_path (default: the bucket)"
+                    .to_string(),
+            );
+        }
         Some(Config {
             path: self.file.to_path_buf(),
             listen: listen?,
@@ -127,6 +137,7 @@ impl Validator<'_> {
             replication: replication?,
             users,
             overridden_users,
+            warnings,
             limits: limits?,
             health: health?,
             log: log?,
@@ -273,11 +284,20 @@ impl Validator<'_> {
                 );
             }
         }
+        let health_path = match raw.health_path {
+            None => None,
+            Some(p) => {
+                let path = self.check_path(&p, &format!("{name}.health_path"));
+                ok &= path.is_some();
+                path
+            }
+        };
         let cfg = UpstreamConfig {
             url: url?,
             bucket: raw.bucket.as_ref().map(|b| b.get_ref().clone()),
             region: raw.region.map(Spanned::into_inner),
             auth: auth?,
+            health_path,
         };
         ok.then_some((cfg, raw.bucket))
     }
@@ -463,14 +483,8 @@ impl Validator<'_> {
         let rise = self.positive(&raw.rise, "health.rise", 2);
         let fall = self.positive(&raw.fall, "health.fall", 3);
         let path = match raw.path {
-            None => Some("/".to_string()),
-            Some(p) if p.get_ref().starts_with('/') && p.get_ref().parse::<http::uri::PathAndQuery>().is_ok() => {
-                Some(p.into_inner())
-            }
-            Some(p) => {
-                self.err_at(p.span(), "health.path", format!("{:?} is not a path starting with /", p.get_ref()));
-                None
-            }
+            None => Some(None),
+            Some(p) => self.check_path(&p, "health.path").map(Some),
         };
         for (d, key) in [(interval, "health.interval"), (timeout, "health.timeout")] {
             if d == Some(Duration::ZERO) {
@@ -478,6 +492,41 @@ impl Validator<'_> {
             }
         }
         Some(Health { interval: interval?, timeout: timeout?, path: path?, rise: rise?, fall: fall? })
+    }
+
+    /// A path for a health check: starts with `/` and is a valid request target.
+    fn check_path(&mut self, p: &S, key: &str) -> Option<String> {
+        let text = p.get_ref();
+        if text.starts_with('/') && text.parse::<http::uri::PathAndQuery>().is_ok() {
+            return Some(text.clone());
+        }
+        self.err_at(p.span(), key, format!("{text:?} is not a path starting with /"));
+        None
+    }
+
+    /// Timeouts that are each fine alone but cannot work together (README "Limits and timeouts").
+    fn timeout_relations(&mut self, l: &Limits, h: &Health) {
+        let fmt = crate::duration::format_duration;
+        // A zero is already reported on its own.
+        let set = |d: Duration| !d.is_zero();
+        if set(l.upstream_header_timeout) && l.upstream_connect_timeout >= l.upstream_header_timeout {
+            // The header timeout also runs while a GET connects: the connect timeout would never fire.
+            self.err_nowhere(
+                "limits.upstream_connect_timeout",
+                format!(
+                    "{} must be shorter than limits.upstream_header_timeout ({})",
+                    fmt(l.upstream_connect_timeout),
+                    fmt(l.upstream_header_timeout)
+                ),
+            );
+        }
+        if set(h.interval) && h.timeout > h.interval {
+            // Checks run one after another: one that may outlast the interval delays the next.
+            self.err_nowhere(
+                "health.timeout",
+                format!("{} must not be longer than health.interval ({})", fmt(h.timeout), fmt(h.interval)),
+            );
+        }
     }
 
     fn log(&mut self, raw: RawLog) -> Option<Log> {

@@ -6,9 +6,12 @@ pub mod store;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use std::net::SocketAddr;
+
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
 
 use crate::config::{self, Config, ConfigErrors};
 use crate::server::{self, Running};
@@ -25,10 +28,10 @@ pub enum DemoError {
     /// The example config does not parse.
     #[error("the example config is invalid:\n{0}")]
     Config(#[from] ConfigErrors),
-    /// A demo upstream could not bind its port.
-    #[error("cannot start the demo {name} upstream on {addr}: {source}")]
-    Upstream {
-        /// `primary` or `replica`.
+    /// A demo listener could not bind, even on a free port.
+    #[error("cannot start the demo {name} on {addr}: {source}")]
+    Bind {
+        /// `primary`, `replica`, `proxy` or `admin`.
         name: &'static str,
         /// The address from the config.
         addr: String,
@@ -62,6 +65,8 @@ pub struct Demo {
     pub replica: StoreServer,
     /// The config the proxy runs on.
     pub config: Config,
+    /// Configured ports that were taken, and the free ports used instead.
+    pub moved: Vec<String>,
 }
 
 /// Loads the demo config: the file at `path` if given, else the embedded example.
@@ -75,10 +80,12 @@ pub fn demo_config(path: Option<&Path>) -> Result<Config, ConfigErrors> {
     }
 }
 
-/// Starts both sample upstreams and the proxy (port 0 in the config picks free ports).
+/// Starts both sample upstreams and the proxy. A configured port that is taken is
+/// replaced by a free one (listed in [`Demo::moved`]), so the demo runs on a busy machine.
 pub async fn start(mut cfg: Config) -> Result<Demo, DemoError> {
-    let primary = start_store(&cfg, "primary").await?;
-    let replica = start_store(&cfg, "replica").await?;
+    let mut moved = Vec::new();
+    let primary = start_store(&cfg, "primary", &mut moved).await?;
+    let replica = start_store(&cfg, "replica", &mut moved).await?;
     for (url, addr) in [(&mut cfg.primary.url, primary.addr), (&mut cfg.replica.url, replica.addr)] {
         if let Ok(u) = format!("http://{addr}").parse() {
             *url = u;
@@ -94,18 +101,39 @@ pub async fn start(mut cfg: Config) -> Result<Demo, DemoError> {
             replica.store.put(&format!("/{rb}/{key}"), format!("{key} from the REPLICA region\n"), at);
         }
     }
-    let proxy = server::start(cfg.clone()).await?;
-    Ok(Demo { proxy, primary, replica, config: cfg })
+    let proxy_listener = bind_or_free(cfg.listen.addr, "proxy", &mut moved).await?;
+    let admin = match cfg.listen.admin_addr {
+        Some(a) => Some(bind_or_free(a, "admin", &mut moved).await?),
+        None => None,
+    };
+    let proxy = server::start_on(cfg.clone(), server::Bound { proxy: proxy_listener, admin })?;
+    Ok(Demo { proxy, primary, replica, config: cfg, moved })
 }
 
-async fn start_store(cfg: &Config, name: &'static str) -> Result<StoreServer, DemoError> {
+/// Binds `addr`, or a free port on the same host when `addr` is taken.
+async fn bind_or_free(addr: SocketAddr, name: &'static str, moved: &mut Vec<String>) -> Result<TcpListener, DemoError> {
+    let failed = |source| DemoError::Bind { name, addr: addr.to_string(), source };
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() != 0 => {
+            let l = TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await.map_err(failed)?;
+            let now = l.local_addr().map_err(failed)?;
+            moved.push(format!("{name}: port {} is taken, using {} instead", addr.port(), now.port()));
+            Ok(l)
+        }
+        Err(e) => Err(failed(e)),
+    }
+}
+
+async fn start_store(cfg: &Config, name: &'static str, moved: &mut Vec<String>) -> Result<StoreServer, DemoError> {
     let url = if name == "primary" { &cfg.primary.url } else { &cfg.replica.url };
     let authority = url.authority().ok_or(DemoError::NotLocal(name))?;
-    let addr: std::net::SocketAddr = authority.as_str().parse().map_err(|_| DemoError::NotLocal(name))?;
+    let addr: SocketAddr = authority.as_str().parse().map_err(|_| DemoError::NotLocal(name))?;
     if url.scheme_str() != Some("http") || !addr.ip().is_loopback() {
         return Err(DemoError::NotLocal(name));
     }
-    store::serve(addr, Store::new(name)).await.map_err(|source| DemoError::Upstream {
+    let listener = bind_or_free(addr, name, moved).await?;
+    store::serve_on(listener, Store::new(name)).map_err(|source| DemoError::Bind {
         name,
         addr: addr.to_string(),
         source,

@@ -1,4 +1,4 @@
-//! One test per rule of DESIGN.md section 2, plus the edges.
+//! One test per rule of README "How a download is routed", plus admission and the edges.
 
 use std::path::Path;
 use std::time::Duration;
@@ -174,23 +174,66 @@ fn users_section_wins_over_users_file() {
     assert_eq!(decide(&t, &ctx(Some("erin"), OUTSIDE), &GET, OLD).1, Reason::Replica);
 }
 
+/// The base table with `bucket` set on both upstreams.
+fn path_style() -> RoutingTable {
+    let src = BASE
+        .replace("url = \"http://127.0.0.1:9001\"", "url = \"http://127.0.0.1:9001\"\nbucket = \"media\"")
+        .replace("url = \"http://127.0.0.1:9002\"", "url = \"http://127.0.0.1:9002\"\nbucket = \"media-eu\"");
+    let cfg =
+        config::parse(Path::new("/etc/mediaroute/mediaroute.toml"), &src, &|_| Ok(USERS_FILE.to_string())).unwrap();
+    RoutingTable::build(&cfg, 1)
+}
+
 #[test]
-fn object_paths() {
-    assert!(is_object("/media/movie.mov", None));
-    assert!(is_object("/media/a/b/c.exr", Some("versionId=3")));
-    assert!(is_object("/media/clip.mov", Some("partNumber=2")));
+fn path_style_objects_are_bucket_then_key() {
+    let t = path_style();
+    let object = |path, query| admit(&t, false, path, query).map(|a| a.object);
+    assert_eq!(object("/media/movie.mov", None), Ok(true));
+    assert_eq!(object("/media/a/b/c.exr", Some("versionId=3")), Ok(true));
+    assert_eq!(object("/media/clip.mov", Some("partNumber=2")), Ok(true));
     for (path, query) in [
-        ("/", None),
         ("/media", None),
         ("/media/", None),
-        ("//key", None),
         ("/media/key", Some("acl")),
         ("/media/key", Some("tagging")),
         ("/media/key", Some("uploadId=abc")),
         ("/media/key", Some("x=1&uploads")),
         ("/media/", Some("list-type=2")),
     ] {
-        assert!(!is_object(path, query), "{path} {query:?}");
+        assert_eq!(object(path, query), Ok(false), "{path} {query:?}");
+    }
+    for path in ["/", "//media/key", "/other/key", "/media-eu/key", "/mediax/key"] {
+        assert_eq!(object(path, None), Err(Refusal::ForeignBucket), "{path}");
+    }
+}
+
+#[test]
+fn bucket_bound_paths_are_keys() {
+    let t = table();
+    assert_eq!(t.addressing(), Addressing::BucketBound);
+    let object = |path, query| admit(&t, false, path, query).map(|a| a.object);
+    for path in ["/old.mov", "/media/movie.mov", "/media", "/media/", "//key", "/a/b/c.exr"] {
+        assert_eq!(object(path, None), Ok(true), "{path}");
+    }
+    assert_eq!(object("/", None), Ok(false), "the bucket itself");
+    assert_eq!(object("/", Some("list-type=2")), Ok(false));
+    assert_eq!(object("/old.mov", Some("tagging")), Ok(false));
+    assert_eq!(object("/old.mov", Some("versionId=4")), Ok(true));
+}
+
+#[test]
+fn targets_that_are_not_paths_and_dot_segments_are_refused() {
+    for t in [table(), path_style()] {
+        assert_eq!(admit(&t, true, "/media/a", None), Err(Refusal::NotAPath));
+        for target in ["*", "", "example.com:443", "http://x/media/a"] {
+            assert_eq!(admit(&t, false, target, None), Err(Refusal::NotAPath), "{target}");
+        }
+        for p in ["/media/../x", "/media/./x", "/media/%2e%2E/x", "/media/.%2e/x", "/media/%2E", "/.."] {
+            assert_eq!(admit(&t, false, p, None), Err(Refusal::DotSegment), "{p}");
+        }
+        for p in ["/media/..x", "/media/x.mov", "/media/.hidden", "/media/%2e%2ex"] {
+            assert!(admit(&t, false, p, None).is_ok(), "{p}");
+        }
     }
 }
 

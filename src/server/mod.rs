@@ -1,4 +1,7 @@
-//! The listeners: accept connections and serve HTTP/1.1 and cleartext HTTP/2 on them.
+//! The listeners: accept connections and serve HTTP/1.1 and cleartext HTTP/2 on them;
+//! and the reload orchestration that keeps them serving (README "Operating").
+
+pub mod reload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +19,7 @@ use crate::config::{Config, ConfigErrors, Limits};
 use crate::idle::{IdleIo, idle_for};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::reload::{self, Reloaded, Tables};
+use crate::table::{Reloaded, Tables};
 use crate::{admin, upstream};
 
 /// Errors starting the server.
@@ -68,18 +71,52 @@ impl Running {
     }
 }
 
-/// Binds the listeners from `cfg` and starts serving in the background.
-pub async fn start(cfg: Config) -> Result<Running, ServerError> {
-    let bind = |addr: SocketAddr| async move {
-        let l = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
-        let local = l.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
-        Ok::<_, ServerError>((l, local))
-    };
-    let (listener, local) = bind(cfg.listen.addr).await?;
+/// Listeners bound before the server starts.
+#[derive(Debug)]
+pub struct Bound {
+    /// The proxy listener.
+    pub proxy: TcpListener,
+    /// The admin listener, if configured.
+    pub admin: Option<TcpListener>,
+}
+
+/// Binds the listeners named in `cfg`.
+pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
+    let proxy = bind_one(cfg.listen.addr).await?;
     let admin = match cfg.listen.admin_addr {
-        Some(a) => Some(bind(a).await?),
+        Some(a) => Some(bind_one(a).await?),
         None => None,
     };
+    Ok(Bound { proxy, admin })
+}
+
+/// Binds one address.
+pub async fn bind_one(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// Binds the listeners from `cfg` and starts serving in the background.
+pub async fn start(cfg: Config) -> Result<Running, ServerError> {
+    let bound = bind(&cfg).await?;
+    start_on(cfg, bound)
+}
+
+/// Starts serving on listeners bound by the caller (inside a Tokio runtime).
+pub fn start_on(cfg: Config, bound: Bound) -> Result<Running, ServerError> {
+    let addr_of = |l: &TcpListener, configured: SocketAddr| {
+        l.local_addr().map_err(|source| ServerError::Bind { addr: configured, source })
+    };
+    let local = addr_of(&bound.proxy, cfg.listen.addr)?;
+    let admin = match bound.admin {
+        Some(l) => {
+            let a = addr_of(&l, cfg.listen.admin_addr.unwrap_or(local))?;
+            Some((l, a))
+        }
+        None => None,
+    };
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
     let metrics = Arc::new(Metrics::new());
     let tables = Arc::new(Tables::new(cfg.clone()));
     metrics.set_generation(tables.current().generation);
@@ -92,7 +129,7 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
         a
     });
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(accept_loop(listener, Arc::clone(&proxy), cfg.limits.clone(), stopped));
+    let task = tokio::spawn(accept_loop(bound.proxy, Arc::clone(&proxy), cfg.limits.clone(), stopped));
     proxy.set_ready(true);
     tracing::info!(addr = %local, "listening");
     Ok(Running { addr: local, admin_addr, proxy, grace: cfg.limits.shutdown_grace, stop, task, background })
@@ -144,12 +181,19 @@ fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let proxy = Arc::clone(proxy);
-    let service = service_fn(move |req| {
-        let proxy = Arc::clone(&proxy);
-        async move { Ok::<_, std::convert::Infallible>(proxy.serve(req, peer).await) }
-    });
     let io = IdleIo::new(stream);
     let activity = io.activity();
+    let busy = Arc::clone(&activity);
+    let service = service_fn(move |req| {
+        let proxy = Arc::clone(&proxy);
+        // Waiting on a probe or an upstream is not idleness (README "Limits and timeouts").
+        let guard = busy.busy();
+        async move {
+            let resp = proxy.serve(req, peer).await;
+            drop(guard);
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
     let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), service).into_owned());
     tokio::spawn(async move {
         tokio::select! {

@@ -1,0 +1,68 @@
+//! Reload orchestration: re-read the config off the request workers, swap the table,
+//! and bring the rest of the proxy in line (README "Check, then reload").
+
+use std::sync::Arc;
+
+use crate::config::{ConfigError, ConfigErrors};
+use crate::proxy::Proxy;
+use crate::signals::Hangups;
+use crate::table::{Reloaded, Upstream};
+
+/// Reloads the config, counts the result, and forgets what the new table makes stale.
+pub async fn reload(proxy: &Proxy) -> Result<Reloaded, ConfigErrors> {
+    let tables = Arc::clone(proxy.tables());
+    let before = tables.current();
+    // Building a large table is CPU work: keep it off the request workers.
+    let result = match tokio::task::spawn_blocking(move || tables.reload()).await {
+        Ok(r) => r,
+        Err(e) => {
+            let error = ConfigError {
+                file: proxy.tables().path().to_path_buf(),
+                pos: None,
+                key: None,
+                message: format!("reload task failed: {e}"),
+            };
+            Err(ConfigErrors(vec![error]))
+        }
+    };
+    match &result {
+        Ok(r) => {
+            proxy.metrics().reload(Some(r.generation));
+            let after = proxy.tables().current();
+            if !before.primary.same_place(&after.primary) {
+                // Ages were learned from the old primary; they say nothing of the new one.
+                proxy.ages().clear();
+            }
+            for u in [Upstream::Primary, Upstream::Replica] {
+                let (old, new) = (before.target(u), after.target(u));
+                if old.scheme != new.scheme || old.authority != new.authority {
+                    // What was learned about the old address says nothing about the new one.
+                    proxy.upstreams().health(u).reset();
+                }
+            }
+            tracing::info!(generation = r.generation, path = %proxy.tables().path().display(), "configuration reloaded");
+            for w in &r.warnings {
+                tracing::warn!("{w}");
+            }
+            if !r.needs_restart.is_empty() {
+                tracing::warn!(sections = ?r.needs_restart, "changed settings need a restart to take effect");
+            }
+        }
+        Err(errors) => {
+            proxy.metrics().reload(None);
+            for e in &errors.0 {
+                tracing::error!(error = %e, "reload rejected; still serving the previous configuration");
+            }
+        }
+    }
+    result
+}
+
+/// Reloads on every SIGHUP until signals end; `around` is told before (`true`) and after.
+pub async fn on_hangups(mut hangups: Hangups, proxy: Arc<Proxy>, around: impl Fn(bool) + Send + 'static) {
+    while hangups.next().await.is_some() {
+        around(true);
+        let _ = reload(&proxy).await;
+        around(false);
+    }
+}
