@@ -18,8 +18,8 @@ pub struct Question {
     pub ip: IpAddr,
     /// HTTP method.
     pub method: String,
-    /// Request path, with an optional `?query`.
-    pub path: String,
+    /// Request path, with an optional `?query`; `None`: an object in the primary bucket.
+    pub path: Option<String>,
     /// Object age; `None` assumes older than the delay.
     pub age: Option<Duration>,
     /// Pretend health checking marked the replica down.
@@ -29,9 +29,13 @@ pub struct Question {
 /// Decides as the proxy would and describes why, one fact per line.
 pub fn explain(cfg: &Config, q: &Question) -> String {
     let table = RoutingTable::build(cfg, 1);
-    let (path, query) = match q.path.split_once('?') {
+    let target = q.path.clone().unwrap_or_else(|| match table.addressing() {
+        Addressing::PathStyle { primary, .. } => format!("/{primary}/object"),
+        Addressing::BucketBound => "/object".to_string(),
+    });
+    let (path, query) = match target.split_once('?') {
         Some((p, qs)) => (p, Some(qs)),
-        None => (q.path.as_str(), None),
+        None => (target.as_str(), None),
     };
     let method = q.method.to_ascii_uppercase();
     let mut out = String::new();
@@ -51,7 +55,7 @@ pub fn explain(cfg: &Config, q: &Question) -> String {
                 Refusal::ForeignBucket => (403, "the first path segment is not the primary bucket"),
             };
             let _ = writeln!(out, "refused:  {status} before any upstream: {why}");
-            let _ = writeln!(out, "request:  {method} {}", q.path);
+            let _ = writeln!(out, "request:  {method} {target}");
             let _ = writeln!(out, "address:  {addressing}");
             return out;
         }
@@ -79,7 +83,7 @@ pub fn explain(cfg: &Config, q: &Question) -> String {
     let _ = writeln!(out, "user:     {who}");
     let inside = if table.networks.contains(q.ip) { "inside" } else { "outside" };
     let _ = writeln!(out, "client:   {} ({inside} replication.networks)", q.ip);
-    let _ = writeln!(out, "request:  {method} {} ({})", q.path, if facts.object { "object" } else { "not an object" });
+    let _ = writeln!(out, "request:  {method} {target} ({})", if facts.object { "object" } else { "not an object" });
     let _ = writeln!(out, "address:  {addressing}");
     let delay = format_duration(table.delay);
     let age = match q.age {

@@ -46,9 +46,9 @@ enum Command {
         /// HTTP method.
         #[arg(long, default_value = "GET")]
         method: String,
-        /// Request path, with an optional ?query.
-        #[arg(long, default_value = "/media/object")]
-        path: String,
+        /// Request path, with an optional ?query (default: an object in the primary bucket).
+        #[arg(long)]
+        path: Option<String>,
         /// Object age, e.g. 10m or 2d; leave out to assume older than the delay.
         #[arg(long, value_parser = parse_age)]
         age: Option<Duration>,

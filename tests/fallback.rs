@@ -39,8 +39,8 @@ async fn replica_403_and_5xx_fall_back() {
 async fn replica_connect_failure_falls_back() {
     let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
     primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
-    let dead = closed_port().await;
-    let proxy = start_proxy(&config_text(primary.addr, dead, "delay = \"15m\"", "")).await;
+    let dead = closed_port();
+    let proxy = start_proxy(&config_text(primary.addr, dead.addr, "delay = \"15m\"", "")).await;
     let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
     assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "fallback", "primary"));
 }
@@ -65,8 +65,8 @@ async fn without_fallback_the_replica_answer_stands() {
 #[tokio::test]
 async fn without_fallback_an_unreachable_replica_is_a_502() {
     let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
-    let dead = closed_port().await;
-    let proxy = start_proxy(&config_text(primary.addr, dead, "delay = \"0s\"\nfallback = false", "")).await;
+    let dead = closed_port();
+    let proxy = start_proxy(&config_text(primary.addr, dead.addr, "delay = \"0s\"\nfallback = false", "")).await;
     let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
     assert_eq!(a.status, 502);
     assert_eq!(a.headers["content-type"], "application/xml");
@@ -76,8 +76,8 @@ async fn without_fallback_an_unreachable_replica_is_a_502() {
 #[tokio::test]
 async fn unreachable_primary_is_a_502_with_an_s3_error() {
     let replica = store::serve(loopback0(), Store::new("r")).await.unwrap();
-    let dead = closed_port().await;
-    let proxy = start_proxy(&config_text(dead, replica.addr, "delay = \"0s\"", "")).await;
+    let dead = closed_port();
+    let proxy = start_proxy(&config_text(dead.addr, replica.addr, "delay = \"0s\"", "")).await;
     let resp = client().put(format!("http://{}{}", proxy.addr, obj("a.mov"))).body("x").send().await.unwrap();
     assert_eq!(resp.status(), 502);
     assert_eq!(resp.headers()["x-mediaroute-upstream"], "primary");
@@ -89,9 +89,9 @@ async fn unreachable_primary_is_a_502_with_an_s3_error() {
 async fn a_dead_replica_is_marked_down_and_comes_back_by_itself() {
     let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
     primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
-    let replica_addr = closed_port().await;
-    let tail = "[health]\nfall = 3\nrise = 1\ninterval = \"100ms\"";
-    let proxy = start_proxy(&config_text(primary.addr, replica_addr, "delay = \"15m\"", tail)).await;
+    let dead = closed_port();
+    let tail = "[health]\nfall = 3\nrise = 1\ninterval = \"100ms\"\ntimeout = \"100ms\"";
+    let proxy = start_proxy(&config_text(primary.addr, dead.addr, "delay = \"15m\"", tail)).await;
     let path = obj("a.mov");
     let get = || get_via(proxy.addr, &path, "alice");
     for _ in 0..3 {
@@ -102,8 +102,10 @@ async fn a_dead_replica_is_marked_down_and_comes_back_by_itself() {
     assert_eq!((a.status, a.reason.as_str(), a.body.as_str()), (200, "replica-down", "primary"));
 
     // The replica comes back on the same address: within a few retry intervals it is used again.
-    let back = store::serve(replica_addr, Store::new("r")).await.unwrap();
-    back.store.put(&format!("/{RB}/a.mov"), "replica", SystemTime::now() - OLD);
+    // The held socket itself starts listening, so the port is never free for another test.
+    let store = Store::new("r");
+    store.put(&format!("/{RB}/a.mov"), "replica", SystemTime::now() - OLD);
+    let _back = store::serve_on(dead.socket.listen(1024).unwrap(), store).unwrap();
     let mut reason = String::new();
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -139,7 +141,7 @@ async fn a_replica_that_never_answers_falls_back_after_the_header_timeout() {
     let replica = silent_server().await;
     let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
     primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
-    let tail = "[limits]\nupstream_header_timeout = \"300ms\"";
+    let tail = "[limits]\nupstream_header_timeout = \"300ms\"\nupstream_connect_timeout = \"100ms\"";
     let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"0s\"", tail)).await;
     let started = std::time::Instant::now();
     let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
@@ -151,7 +153,7 @@ async fn a_replica_that_never_answers_falls_back_after_the_header_timeout() {
 async fn a_primary_that_never_answers_gives_504() {
     let primary = silent_server().await;
     let replica = status_server(200).await;
-    let tail = "[limits]\nupstream_header_timeout = \"300ms\"";
+    let tail = "[limits]\nupstream_header_timeout = \"300ms\"\nupstream_connect_timeout = \"100ms\"";
     let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"0s\"", tail)).await;
     let resp = client().put(format!("http://{}{}", proxy.addr, obj("a.mov"))).body("x").send().await.unwrap();
     let a = Answer::from(resp).await;

@@ -45,12 +45,12 @@ async fn reload_under_load_fails_no_request_and_applies_within_a_second() {
     }
     for i in 0..20 {
         let mode = if i % 2 == 0 { "yes" } else { "no" };
-        std::fs::write(&proxy.config_path, ops_config(&s, mode, "")).unwrap();
+        proxy.rewrite_config(&ops_config(&s, mode, ""));
         proxy.signal("HUP");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The last word: dave uses the replica. It must show within a second.
-    std::fs::write(&proxy.config_path, ops_config(&s, "yes", "")).unwrap();
+    proxy.rewrite_config(&ops_config(&s, "yes", ""));
     proxy.signal("HUP");
     let sent = Instant::now();
     loop {
@@ -82,7 +82,7 @@ async fn a_broken_config_on_reload_keeps_the_old_table() {
     let proxy = ProxyProcess::spawn(&ops_config(&s, "yes", ""));
     assert_eq!(get_via(proxy.addr, &obj("clip.mov"), "dave").await.reason, "replica");
     let broken = ops_config(&s, "sometimes", "");
-    std::fs::write(&proxy.config_path, &broken).unwrap();
+    proxy.rewrite_config(&broken);
     proxy.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(5);
     while proxy.log_lines("reload rejected").is_empty() {
@@ -170,7 +170,8 @@ async fn metrics_count_requests_by_reason_and_config_shows_no_secrets() {
     assert_eq!(series("upstream=\"primary\",reason=\"fallback\",status_class=\"2xx\""), 1.0);
     assert_eq!(series("upstream=\"primary\",reason=\"mode-no\",status_class=\"2xx\""), 1.0);
     assert_eq!(series("upstream=\"none\",reason=\"refused\",status_class=\"4xx\""), 1.0);
-    assert_eq!(metric(&m, "mediaroute_fallbacks_total"), 1.0);
+    assert_eq!(metric(&m, "mediaroute_fallbacks_total{cause=\"not-found\"}"), 1.0);
+    assert_eq!(metric(&m, "mediaroute_replica_misses_total"), 1.0);
     let replica_bytes = metric(&m, "mediaroute_response_bytes_total{upstream=\"replica\"}");
     assert_eq!(replica_bytes, 2.0 * "replica:old.mov".len() as f64);
     assert_eq!(metric(&m, "mediaroute_upstream_duration_seconds_count{upstream=\"replica\"}"), 2.0);
@@ -256,18 +257,21 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() {
 #[tokio::test]
 async fn a_stopped_replica_is_reported_down_and_comes_back() {
     let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
-    let replica = store::serve(loopback0(), Store::new("r")).await.unwrap();
-    let replica_store = Arc::clone(&replica.store);
+    // The replica's address stays reserved for the whole test: its servers listen next to
+    // the held socket, and while none runs, connections are refused. No other test can
+    // take the port between the stop and the restart.
+    let replica_port = closed_port();
+    let replica_store = Store::new("r");
+    let replica = store::serve_on(replica_port.listener(), Arc::clone(&replica_store)).unwrap();
     let at = SystemTime::now() - OLD;
     primary.store.put(&obj("a.mov"), "primary", at);
     replica_store.put(&format!("/{RB}/a.mov"), "replica", at);
-    let tail = "[health]\ninterval = \"100ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2";
+    let tail = "[health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2";
     let text = with_admin(&config_text(primary.addr, replica.addr, "delay = \"15m\"", tail));
     let proxy = start_proxy(&text).await;
     let admin = proxy.admin_addr.unwrap();
     assert_eq!(get_via(proxy.addr, &obj("a.mov"), "alice").await.reason, "replica");
 
-    let replica_addr = replica.addr;
     drop(replica);
     let wait_for = |want: &'static str| async move {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -286,7 +290,7 @@ async fn a_stopped_replica_is_reported_down_and_comes_back() {
     assert_eq!(metric(&m, "mediaroute_upstream_up{upstream=\"replica\"}"), 0.0, "{m}");
     assert_eq!(metric(&m, "mediaroute_upstream_up{upstream=\"primary\"}"), 1.0);
 
-    let _back = store::serve(replica_addr, replica_store).await.unwrap();
+    let _back = store::serve_on(replica_port.listener(), replica_store).unwrap();
     let up = wait_for("replica").await;
     assert_eq!(up.body, "replica");
     let (_, m) = admin_get(admin, "/metrics").await;

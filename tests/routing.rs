@@ -138,10 +138,33 @@ async fn zero_delay_tries_the_replica_without_probing() {
 
 #[tokio::test]
 async fn user_query_parameter_identifies_and_is_stripped() {
-    let s = Setup::new("delay = \"0s\"").await;
-    s.media("a.mov", true, OLD);
-    let a = Answer::from(s.client.get(format!("{}?user=alice", s.url(&obj("a.mov")))).send().await.unwrap()).await;
-    assert_eq!(a.reason, "replica");
+    // Upstreams that echo the request head, so the test sees exactly what reached them.
+    let primary = echo_server().await;
+    let replica = echo_server().await;
+    let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"0s\"", "")).await;
+    let base = format!("http://{}{}", proxy.addr, obj("a.mov"));
+    // (query sent, user header sent, target the replica must see)
+    let cases = [
+        ("user=alice&versionId=7", None, format!("/{RB}/a.mov?versionId=7")),
+        ("versionId=7&user=alice", None, format!("/{RB}/a.mov?versionId=7")),
+        ("partNumber=2&user=alice&versionId=7", None, format!("/{RB}/a.mov?partNumber=2&versionId=7")),
+        ("user=alice", None, format!("/{RB}/a.mov")),
+        ("versionId=7&user=alice", Some("alice"), format!("/{RB}/a.mov?versionId=7")),
+    ];
+    for (query, header, target) in cases {
+        let mut req = client().get(format!("{base}?{query}"));
+        if let Some(u) = header {
+            req = req.header("x-forwarded-user", u);
+        }
+        let a = Answer::from(req.send().await.unwrap()).await;
+        // Alice (mode yes) was recognised: only she goes to the replica (anonymous is mode no).
+        assert_eq!((a.status, a.upstream.as_str(), a.reason.as_str()), (200, "replica", "replica"), "{query}");
+        let first = a.body.lines().next().unwrap_or_default();
+        assert_eq!(first, format!("GET {target}"), "{query}:\n{}", a.body);
+        assert!(!a.body.contains("user="), "the user parameter leaked ({query}):\n{}", a.body);
+        assert!(!a.body.contains("x-forwarded-user"), "the user header leaked ({query}):\n{}", a.body);
+    }
+    assert_eq!(primary.hits.load(std::sync::atomic::Ordering::SeqCst), 0, "delay 0s: no probe, no fallback");
 }
 
 #[tokio::test]

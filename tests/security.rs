@@ -3,7 +3,7 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -162,21 +162,68 @@ async fn dot_segments_are_refused_before_any_upstream_sees_them() {
     assert_eq!(s.primary.store.hits() + s.replica.store.hits(), 0);
 }
 
-#[tokio::test]
+/// A proxy process with a JSON access log, where `alice` and `dave` both have mode `yes`.
+fn two_yes_users(s: &Setup) -> ProxyProcess {
+    let tail = "dave = \"yes\"\n[log]\nformat = \"json\"";
+    ProxyProcess::spawn(&config_text(s.primary.addr, s.replica.addr, "delay = \"15m\"", tail))
+}
+
+/// The `user` field of the access log line for `path` (waits for the line).
+async fn logged_user(proxy: &ProxyProcess, path: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines = proxy.log_lines("mediaroute::access");
+        let mut entries = lines.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+        if let Some(v) = entries.find(|v| v["path"] == path) {
+            return v["user"].as_str().unwrap_or_default().to_string();
+        }
+        assert!(Instant::now() < deadline, "no access line for {path}: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_header_sent_twice_is_not_believed() {
     let s = Setup::new("delay = \"15m\"").await;
-    s.media("a.mov", true, OLD);
-    // The client sent "alice"; the trusted gateway appended the real user, "carol".
+    s.media("one.mov", true, OLD);
+    s.media("two.mov", true, OLD);
+    let proxy = two_yes_users(&s);
+    let url = |key: &str| format!("http://{}{}", proxy.addr, obj(key));
+    // Control: one user alone is believed and sent to the replica.
+    let one = Answer::from(s.client.get(url("one.mov")).header("x-forwarded-user", "dave").send().await.unwrap()).await;
+    assert_eq!((one.reason.as_str(), one.body.as_str()), ("replica", "replica:one.mov"));
+    assert_eq!(logged_user(&proxy, &obj("one.mov")).await, "dave");
+    // The client sent "alice"; the trusted gateway appended "dave". Both have mode yes, so
+    // believing either value (first or last) would route to the replica: only an anonymous
+    // request (default mode no) gets "mode-no".
     let resp = s
         .client
-        .get(s.url(&obj("a.mov")))
+        .get(url("two.mov"))
         .header("x-forwarded-user", "alice")
-        .header("x-forwarded-user", "carol")
+        .header("x-forwarded-user", "dave")
         .send()
         .await
         .unwrap();
     let a = Answer::from(resp).await;
-    assert_eq!((a.reason.as_str(), a.body.as_str()), ("mode-no", "primary:a.mov"), "anonymous, not alice");
+    assert_eq!((a.reason.as_str(), a.body.as_str()), ("mode-no", "primary:two.mov"), "anonymous, not alice or dave");
+    assert_eq!(logged_user(&proxy, &obj("two.mov")).await, "-", "the request is anonymous");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_query_parameter_sent_twice_is_not_believed() {
+    let s = Setup::new("delay = \"15m\"").await;
+    s.media("one.mov", true, OLD);
+    s.media("two.mov", true, OLD);
+    let proxy = two_yes_users(&s);
+    let url = |key: &str, query: &str| format!("http://{}{}?{query}", proxy.addr, obj(key));
+    // Control: the parameter alone is believed and sends the user to the replica.
+    let one = Answer::from(s.client.get(url("one.mov", "user=dave")).send().await.unwrap()).await;
+    assert_eq!((one.reason.as_str(), one.body.as_str()), ("replica", "replica:one.mov"));
+    assert_eq!(logged_user(&proxy, &obj("one.mov")).await, "dave");
+    // Two yes users: believing the first or the last would route to the replica.
+    let a = Answer::from(s.client.get(url("two.mov", "user=alice&user=dave")).send().await.unwrap()).await;
+    assert_eq!((a.reason.as_str(), a.body.as_str()), ("mode-no", "primary:two.mov"), "anonymous, not alice or dave");
+    assert_eq!(logged_user(&proxy, &obj("two.mov")).await, "-", "the request is anonymous");
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ use hyper_util::server::conn::auto;
 use mediaroute::config;
 use mediaroute::demo::store::{self, Store, StoreServer};
 use mediaroute::server::{self, Running};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
 pub const PB: &str = "studio-media";
@@ -155,10 +155,39 @@ pub fn loopback0() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-/// An address where nothing listens (bound, then released).
-pub async fn closed_port() -> SocketAddr {
-    let l = TcpListener::bind(loopback0()).await.unwrap();
-    l.local_addr().unwrap()
+/// A loopback address that refuses connections for as long as this value lives.
+///
+/// `socket` is bound to a free port but never listens, so Linux answers a connect with
+/// RST ("connection refused"). Because the socket keeps the port bound, no other test can
+/// be handed the port (port 0 never picks a bound port), unlike a listener bound and
+/// released. Keep it alive for the whole test.
+pub struct ClosedPort {
+    pub addr: SocketAddr,
+    /// Bound with `SO_REUSEPORT` and never listening; `socket.listen(n)` turns it into a
+    /// server on the same address without the port ever being free.
+    pub socket: TcpSocket,
+}
+
+impl ClosedPort {
+    /// A fresh listener on the same address while `self` keeps holding it (`SO_REUSEPORT`
+    /// lets a socket of the same user bind next to the held one). Dropping the listener
+    /// makes the address refuse connections again; the port stays reserved throughout.
+    pub fn listener(&self) -> TcpListener {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.set_reuseport(true).unwrap();
+        socket.bind(self.addr).unwrap();
+        socket.listen(1024).unwrap()
+    }
+}
+
+/// A loopback address where nothing listens; see [`ClosedPort`].
+pub fn closed_port() -> ClosedPort {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_reuseport(true).unwrap();
+    socket.bind(loopback0()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    ClosedPort { addr, socket }
 }
 
 /// A hyper server running `handler` on loopback port 0; stopped when dropped.
@@ -268,7 +297,7 @@ pub struct ProxyProcess {
     pub admin: Option<SocketAddr>,
     /// Every stderr line so far (logs, including the access log).
     pub log: Arc<std::sync::Mutex<Vec<String>>>,
-    /// The config file it runs on (rewrite it, then send SIGHUP).
+    /// The config file it runs on (`rewrite_config`, then send SIGHUP).
     pub config_path: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -323,6 +352,11 @@ impl ProxyProcess {
         ProxyProcess { child, addr, admin, log, config_path: path, _dir: dir }
     }
 
+    /// Replaces the config file atomically (see [`write_atomically`]); send `HUP` to apply it.
+    pub fn rewrite_config(&self, text: &str) {
+        write_atomically(&self.config_path, text);
+    }
+
     /// Sends a signal (`HUP`, `TERM`, ...) to the process.
     pub fn signal(&self, name: &str) {
         let ok = std::process::Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
@@ -364,6 +398,17 @@ impl Drop for ProxyProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Writes `text` to `path` so that a concurrent reader sees the old file or the new one,
+/// never a half-written one: a temporary file in the same directory, renamed over `path`.
+pub fn write_atomically(path: &Path, text: &str) {
+    use std::io::Write;
+    let dir = path.parent().expect("the file has a directory");
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).unwrap();
+    tmp.write_all(text.as_bytes()).unwrap();
+    tmp.as_file().sync_all().unwrap();
+    tmp.persist(path).unwrap();
 }
 
 /// GET `path` through the proxy at `proxy` as `user`.
