@@ -192,3 +192,64 @@ async fn multipart_upload_reaches_only_the_primary() {
     let a = get_via(proxy.addr, &format!("{}?uploadId=x", obj("renders/final.exr")), "alice").await;
     assert_eq!(a.reason, "not-object");
 }
+
+#[tokio::test]
+async fn health_checks_keep_a_real_s3_up() {
+    let primary = S3::start(PB).await;
+    let replica = S3::start(RB).await;
+    // What made the old default path fail: a real S3 answers a bare `HEAD /` with 501.
+    let bare = client().head(format!("http://{}/", replica.addr)).send().await.unwrap();
+    assert_eq!(bare.status(), 501);
+    primary.put_aged("old.mov", "from primary", Duration::from_secs(3600));
+    replica.put_aged("old.mov", "from replica", Duration::from_secs(3600));
+    // The primary is checked on its bucket (the default); the replica on `/`, its 501 included.
+    let tail = "[health]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 2\nrise = 1";
+    let text = with_admin(&config_text(primary.addr, replica.addr, "delay = \"15m\"", tail))
+        .replace(&format!("bucket = \"{RB}\""), &format!("bucket = \"{RB}\"\nhealth_path = \"/\""));
+    let proxy = start_proxy(&text).await;
+    // Ten check intervals: any failure would have marked an upstream down by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, m) = admin_get(proxy.admin_addr.unwrap(), "/metrics").await;
+    assert_eq!(metric(&m, "mediaroute_upstream_up{upstream=\"primary\"}"), 1.0, "{m}");
+    assert_eq!(metric(&m, "mediaroute_upstream_up{upstream=\"replica\"}"), 1.0, "{m}");
+    let a = get_via(proxy.addr, &obj("old.mov"), "alice").await;
+    assert_eq!((a.reason.as_str(), a.body.as_str()), ("replica", "from replica"));
+}
+
+#[tokio::test]
+async fn overwrites_by_multipart_upload_or_copy_are_never_served_from_the_old_replica_copy() {
+    let (primary, replica, proxy) = setup("delay = \"15m\"").await;
+    for key in ["take.mov", "copied.mov"] {
+        primary.put_aged(key, "take 1 on the primary", Duration::from_secs(3600));
+        replica.put_aged(key, "take 1 on the replica", Duration::from_secs(3600));
+        let a = get_via(proxy.addr, &obj(key), "alice").await;
+        assert_eq!((a.reason.as_str(), a.body.as_str()), ("replica", "take 1 on the replica"), "{key}");
+    }
+    primary.put_aged("source.mov", "the copy source", Duration::from_secs(3600));
+
+    // Overwrite take.mov with a one-part multipart upload through the proxy.
+    let c = client();
+    let url = format!("http://{}{}", proxy.addr, obj("take.mov"));
+    let init = c.post(format!("{url}?uploads")).send().await.unwrap();
+    let upload_id = xml_value(&init.text().await.unwrap(), "UploadId");
+    let part = c.put(format!("{url}?partNumber=1&uploadId={upload_id}")).body("take 2").send().await.unwrap();
+    let etag = part.headers()["etag"].to_str().unwrap().to_string();
+    let complete = format!(
+        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
+    );
+    let done = c.post(format!("{url}?uploadId={upload_id}")).body(complete).send().await.unwrap();
+    assert_eq!(done.status(), 200);
+    let a = get_via(proxy.addr, &obj("take.mov"), "alice").await;
+    assert_eq!((a.reason.as_str(), a.body.as_str()), ("too-young", "take 2"));
+
+    // Overwrite copied.mov with a server-side copy through the proxy.
+    let copy = c
+        .put(format!("http://{}{}", proxy.addr, obj("copied.mov")))
+        .header("x-amz-copy-source", format!("/{PB}/source.mov"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(copy.status(), 200, "{}", copy.text().await.unwrap());
+    let a = get_via(proxy.addr, &obj("copied.mov"), "alice").await;
+    assert_eq!((a.reason.as_str(), a.body.as_str()), ("too-young", "the copy source"));
+}
