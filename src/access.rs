@@ -5,7 +5,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::metrics::Metrics;
+use crate::health::HealthBoard;
+use crate::metrics::{Ended, Metrics};
 use crate::route::Reason;
 use crate::table::Upstream;
 
@@ -38,6 +39,8 @@ pub struct AccessRecord {
     pub client_closed: bool,
     /// Where the request is counted, if anywhere.
     pub metrics: Option<Arc<Metrics>>,
+    /// Set when the response is an upstream's answer: told how its body ended.
+    pub health: Option<Arc<HealthBoard>>,
 }
 
 impl Drop for AccessRecord {
@@ -51,8 +54,31 @@ impl Drop for AccessRecord {
             // nginx's "client closed request".
             self.status = 499;
         }
+        let ended = if self.upstream_error {
+            Ended::UpstreamBroke
+        } else if client_closed {
+            Ended::ClientClosed
+        } else {
+            Ended::Answered(self.status)
+        };
+        // Set when an upstream's answer was passed on: its end tells that upstream's health.
+        if let (Some(h), Some(u)) = (&self.health, self.upstream) {
+            if self.upstream_error {
+                // After the head, nothing can be retried; the client saw the download break.
+                tracing::warn!(
+                    upstream = u.as_str(),
+                    path = &*self.path,
+                    bytes = self.bytes,
+                    "upstream broke off the response body"
+                );
+                h.of(u).failure("response body broke off");
+            } else if self.status < 500 {
+                // Delivered whole, or the client left while it flowed: the upstream did its part.
+                h.of(u).success();
+            }
+        }
         if let Some(m) = &self.metrics {
-            m.request(self.upstream, self.reason, self.status, client_closed, self.bytes, took);
+            m.request(self.upstream, self.reason, ended, self.bytes, took);
         }
         let duration_ms = took.as_secs_f64() * 1000.0;
         tracing::info!(

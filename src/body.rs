@@ -196,8 +196,8 @@ impl RespBody {
     pub fn with_record(mut self, mut record: Box<AccessRecord>) -> RespBody {
         // A body that is already over (empty), or that HTTP says is not sent (an answer to
         // HEAD, 204, 304), may never be polled.
-        record.complete =
-            self.inner_end_stream() || record.method == http::Method::HEAD || matches!(record.status, 204 | 304);
+        record.complete = !record.client_closed
+            && (self.inner_end_stream() || record.method == http::Method::HEAD || matches!(record.status, 204 | 304));
         self.record = Some(record);
         self
     }

@@ -28,6 +28,9 @@ pub enum ProxyError {
     /// The client went away or stopped sending: not an upstream failure.
     #[error(transparent)]
     Client(ClientFault),
+    /// mediaroute itself failed (a task it depends on ended).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 impl ProxyError {
@@ -51,6 +54,7 @@ impl ProxyError {
             ProxyError::Client(ClientFault::Stalled(_)) => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
             // Nobody reads this answer; 499 is what the access log records (nginx's convention).
             ProxyError::Client(ClientFault::Closed) => (CLIENT_CLOSED, "ClientClosed"),
+            ProxyError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
         }
     }
 

@@ -1,7 +1,7 @@
 //! mediaroute: a streaming reverse proxy that serves studio media from an S3 replica
 //! region when a user's setting allows it, and from the primary otherwise.
 //!
-//! Modules point one way: `config` -> `table` -> (`route`, `age`, `upstream`) -> `proxy`
+//! Modules point one way: `config` -> `table` -> (`route`, `age`, `health`, `upstream`) -> `proxy`
 //! -> `server`; the binary (`main.rs`) sits on top.
 
 #![warn(missing_docs)]
@@ -17,6 +17,7 @@ pub mod duration;
 pub mod error;
 pub mod explain;
 pub mod headers;
+pub mod health;
 pub mod idle;
 pub mod metrics;
 pub mod proxy;

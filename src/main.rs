@@ -67,7 +67,7 @@ fn parse_age(s: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => with_config(cli.config.as_deref()).and_then(run),
+        Command::Run => run(cli.config.as_deref()),
         Command::Check => return check(cli.config.as_deref()),
         Command::Explain { user, ip, method, path, age, replica_down } => {
             with_config(cli.config.as_deref()).map(|cfg| {
@@ -147,11 +147,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     builder.enable_all().build().context("cannot start the async runtime")
 }
 
-fn run(cfg: Config) -> anyhow::Result<()> {
-    init_logging(&cfg);
+fn run(path: Option<&Path>) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        // Before anything listens: a `systemctl reload` right after start must find them.
+        // First of all, even before the config is read: from here on a SIGHUP (a
+        // `systemctl reload` right after start) is a reload, and a SIGTERM a clean stop.
         let (hangups, mut stops) = signals::install().context("cannot install signal handlers")?;
+        let cfg = with_config(path)?;
+        init_logging(&cfg);
         let running = server::start(cfg).await?;
         tokio::spawn(server::reload::on_hangups(hangups, Arc::clone(&running.proxy), notify_reload));
         notify(&[NotifyState::Ready]);
@@ -190,15 +192,19 @@ fn notify_reload(starting: bool) {
 }
 
 fn run_demo(path: Option<&Path>) -> anyhow::Result<()> {
-    let cfg = demo::demo_config(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
-    init_logging(&cfg);
     runtime()?.block_on(async {
-        let (hangups, mut stops) = signals::install().context("cannot install signal handlers")?;
+        let (mut hangups, mut stops) = signals::install().context("cannot install signal handlers")?;
+        let cfg = demo::demo_config(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+        init_logging(&cfg);
         let d = demo::start(cfg).await?;
-        tokio::spawn(server::reload::on_hangups(hangups, Arc::clone(&d.proxy.proxy), notify_reload));
+        // The demo's upstreams and ports are made at start: there is no file to re-read.
+        tokio::spawn(async move {
+            while hangups.next().await.is_some() {
+                tracing::warn!("the demo does not reload: copy conf/mediaroute.toml and use `mediaroute run` for that");
+            }
+        });
         println!("mediaroute demo: proxy on http://{}", d.proxy.addr);
-        println!("  primary upstream on http://{} (bucket studio-media)", d.primary.addr);
-        println!("  replica upstream on http://{} (bucket studio-media-replica)", d.replica.addr);
+        print!("{}", d.upstream_lines());
         if let Some(admin) = d.proxy.admin_addr {
             println!("  admin on http://{admin} (/metrics /healthz /readyz /config)");
         }

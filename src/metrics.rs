@@ -87,6 +87,18 @@ impl ProbeResult {
     }
 }
 
+/// How a request ended, for its status class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The response ended as sent, with this status.
+    Answered(u16),
+    /// The client left before the response ended (`client-closed`).
+    ClientClosed,
+    /// The upstream broke off the response body: counted with the 5xx, whatever status
+    /// line the client got, because the client did not get the object.
+    UpstreamBroke,
+}
+
 /// Every metric mediaroute exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -235,13 +247,12 @@ impl Metrics {
         })
     }
 
-    /// Counts one finished request; `client_closed` when the client left before its end.
+    /// Counts one finished request.
     pub fn request(
         &self,
         upstream: Option<Upstream>,
         reason: Option<Reason>,
-        status: u16,
-        client_closed: bool,
+        ended: Ended,
         bytes: u64,
         took: Duration,
     ) {
@@ -250,7 +261,11 @@ impl Metrics {
             Some(Upstream::Replica) => 1,
             None => 2,
         };
-        let c = if client_closed { CLIENT_CLOSED } else { class_index(status) };
+        let c = match ended {
+            Ended::Answered(status) => class_index(status),
+            Ended::ClientClosed => CLIENT_CLOSED,
+            Ended::UpstreamBroke => class_index(502),
+        };
         self.request_counter(u, reason, c).inc();
         let (bytes_sent, duration) = &self.per_upstream[u];
         bytes_sent.inc_by(bytes);
@@ -330,10 +345,17 @@ mod tests {
     #[test]
     fn names_and_types_follow_the_contract() {
         let m = Metrics::new();
-        m.request(Some(Upstream::Replica), Some(Reason::Replica), 206, false, 1000, Duration::from_millis(20));
-        m.request(Some(Upstream::Primary), Some(Reason::Fallback), 200, false, 10, Duration::from_millis(5));
-        m.request(Some(Upstream::Primary), Some(Reason::Write), 499, true, 0, Duration::from_millis(5));
-        m.request(None, None, 403, false, 100, Duration::ZERO);
+        m.request(
+            Some(Upstream::Replica),
+            Some(Reason::Replica),
+            Ended::Answered(206),
+            1000,
+            Duration::from_millis(20),
+        );
+        m.request(Some(Upstream::Primary), Some(Reason::Fallback), Ended::Answered(200), 10, Duration::from_millis(5));
+        m.request(Some(Upstream::Primary), Some(Reason::Write), Ended::ClientClosed, 0, Duration::from_millis(5));
+        m.request(Some(Upstream::Replica), Some(Reason::Replica), Ended::UpstreamBroke, 10, Duration::from_millis(5));
+        m.request(None, None, Ended::Answered(403), 100, Duration::ZERO);
         m.fallback(FallbackCause::NotFound);
         m.probe(ProbeResult::Denied);
         m.reload(Some(2));
@@ -343,10 +365,11 @@ mod tests {
             "# TYPE mediaroute_requests counter",
             "mediaroute_requests_total{upstream=\"replica\",reason=\"replica\",status_class=\"2xx\"} 1",
             "mediaroute_requests_total{upstream=\"none\",reason=\"refused\",status_class=\"4xx\"} 1",
-            "mediaroute_response_bytes_total{upstream=\"replica\"} 1000",
+            "mediaroute_response_bytes_total{upstream=\"replica\"} 1010",
             "# TYPE mediaroute_upstream_duration_seconds histogram",
-            "mediaroute_upstream_duration_seconds_bucket{le=\"0.025\",upstream=\"replica\"} 1",
+            "mediaroute_upstream_duration_seconds_bucket{le=\"0.025\",upstream=\"replica\"} 2",
             "mediaroute_requests_total{upstream=\"primary\",reason=\"write\",status_class=\"client-closed\"} 1",
+            "mediaroute_requests_total{upstream=\"replica\",reason=\"replica\",status_class=\"5xx\"} 1",
             "mediaroute_fallbacks_total{cause=\"not-found\"} 1",
             "mediaroute_fallbacks_total{cause=\"timeout\"} 0",
             "mediaroute_replica_misses_total 1",

@@ -29,7 +29,7 @@ use crate::upstream::{ExchangeError, SendError, Upstreams, error_chain};
 pub struct Proxy {
     tables: Arc<Tables>,
     upstreams: Arc<Upstreams>,
-    ages: AgeCache,
+    ages: Arc<AgeCache>,
     probe_timeout: Duration,
     metrics: Arc<Metrics>,
     ready: AtomicBool,
@@ -51,7 +51,7 @@ impl Proxy {
         Proxy {
             tables,
             upstreams: Arc::new(Upstreams::new(cfg, &metrics)),
-            ages: AgeCache::new(cfg.limits.age_cache_entries),
+            ages: Arc::new(AgeCache::new(cfg.limits.age_cache_entries)),
             probe_timeout: cfg.limits.age_probe_timeout,
             metrics,
             ready: AtomicBool::new(false),
@@ -107,6 +107,7 @@ impl Proxy {
             upstream_error: false,
             client_closed: false,
             metrics: Some(Arc::clone(&self.metrics)),
+            health: Some(Arc::clone(self.upstreams.health_board())),
         });
         let resp = match self.forward(&table, &mut parts, body, peer, &mut rec).await {
             Ok(resp) => resp,
@@ -121,12 +122,19 @@ impl Proxy {
                     ProxyError::Client(fault) => {
                         // The client's doing: no alert-worthy log line, no health failure.
                         tracing::debug!(error = %e, path = &*rec.path, "client side of the request failed");
-                        rec.client_closed = *fault == ClientFault::Closed;
+                        if *fault == ClientFault::Closed {
+                            // Nobody is there to read a body.
+                            rec.client_closed = true;
+                            *resp.body_mut() = RespBody::empty();
+                        }
                         if let Some(u) = rec.upstream {
                             label(resp.headers_mut(), u, rec.reason);
                         }
                     }
-                    _ => tracing::debug!(error = %e, "request refused"),
+                    ProxyError::Internal(_) => tracing::error!(error = %e, path = &*rec.path, "request failed"),
+                    ProxyError::Refused(_) | ProxyError::BadRequest(_) => {
+                        tracing::debug!(error = %e, "request refused")
+                    }
                 }
                 resp
             }
@@ -200,19 +208,48 @@ impl Proxy {
             return self.send_primary(req, Reason::Fallback).await;
         }
         let headers = std::mem::take(&mut out.headers);
-        let body = if read { ReqBody::Empty } else { ReqBody::stream(body) };
-        let req = build_request(table, Upstream::Primary, out.method.clone(), &out, headers, body)?;
-        let answer = self.send_primary(req, reason).await;
-        if !read {
-            // Whatever the answer, what was known of the written key may be stale now.
-            if admitted.key {
-                self.ages.forget(out.path);
-            } else if names_multi_delete(query) {
-                // The keys are in the body, which is streamed, not read.
-                self.ages.clear();
-            }
+        if read {
+            let req = build_request(table, Upstream::Primary, out.method.clone(), &out, headers, ReqBody::Empty)?;
+            return self.send_primary(req, reason).await;
         }
-        answer
+        let req = build_request(table, Upstream::Primary, out.method.clone(), &out, headers, ReqBody::stream(body))?;
+        let stale = if admitted.key {
+            Stale::Key(out.path.into())
+        } else if names_multi_delete(query) {
+            // The keys are in the body, which is streamed, not read.
+            Stale::All
+        } else {
+            Stale::Nothing
+        };
+        self.write(req, reason, stale).await
+    }
+
+    /// Sends a write to the primary. The exchange runs in a task of its own, so that what
+    /// was known of the written key is dropped once the primary has answered, even when
+    /// the client has gone by then (the primary may still have committed the write).
+    async fn write(
+        &self,
+        req: Request<ReqBody>,
+        reason: Reason,
+        stale: Stale,
+    ) -> Result<Response<RespBody>, ProxyError> {
+        let upstreams = Arc::clone(&self.upstreams);
+        let ages = Arc::clone(&self.ages);
+        let exchange = tokio::spawn(async move {
+            let answer = upstreams.send(Upstream::Primary, req).await;
+            // Whatever the answer, the key may have changed.
+            match stale {
+                Stale::Key(path) => ages.forget(&path),
+                Stale::All => ages.clear(),
+                Stale::Nothing => {}
+            }
+            answer
+        });
+        match exchange.await {
+            Ok(Ok(resp)) => Ok(to_client(resp, Upstream::Primary, reason)),
+            Ok(Err(e)) => Err(ProxyError::exchange(Upstream::Primary, e)),
+            Err(_) => Err(ProxyError::Internal("the upload task ended unexpectedly")),
+        }
     }
 
     async fn send_primary(&self, req: Request<ReqBody>, reason: Reason) -> Result<Response<RespBody>, ProxyError> {
@@ -273,6 +310,16 @@ impl Proxy {
             })
             .await
     }
+}
+
+/// What a write makes stale in the age cache.
+enum Stale {
+    /// The written key (every version).
+    Key(Box<str>),
+    /// Everything: a multi-object delete names its keys in its body.
+    All,
+    /// Nothing: a bucket-level write that changes no object.
+    Nothing,
 }
 
 /// Whether a query is S3's multi-object delete (`POST /bucket?delete`).
@@ -373,6 +420,8 @@ fn build_request(
 /// The upstream's response, cleaned of hop-by-hop headers and labelled.
 fn to_client(resp: Response<Incoming>, upstream: Upstream, reason: Reason) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
+    // The upstream's HTTP version is its own; the client gets this server's.
+    parts.version = http::Version::HTTP_11;
     remove_hop_by_hop(&mut parts.headers);
     label(&mut parts.headers, upstream, Some(reason));
     Response::from_parts(parts, RespBody::upstream(body))

@@ -1,7 +1,6 @@
 //! Pooled HTTP(S) clients for the two upstreams, and their health.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response, Uri};
@@ -13,6 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{ClientFault, Overdue, ReqBody};
 use crate::config::Config;
+use crate::health::{Health, HealthBoard};
 use crate::metrics::Metrics;
 use crate::table::{Tables, Upstream};
 
@@ -52,70 +52,6 @@ pub fn build_client(cfg: &Config) -> HttpClient {
         .build(https)
 }
 
-/// Health of one upstream: `fall` consecutive failures mark it down, `rise` successes up.
-#[derive(Debug)]
-pub struct Health {
-    upstream: Upstream,
-    rise: u32,
-    fall: u32,
-    successes: AtomicU32,
-    failures: AtomicU32,
-    down: AtomicBool,
-    metrics: Arc<Metrics>,
-}
-
-impl Health {
-    /// A healthy upstream with the given thresholds.
-    pub fn new(upstream: Upstream, rise: u32, fall: u32, metrics: Arc<Metrics>) -> Health {
-        Health {
-            upstream,
-            rise: rise.max(1),
-            fall: fall.max(1),
-            successes: AtomicU32::new(0),
-            failures: AtomicU32::new(0),
-            down: AtomicBool::new(false),
-            metrics,
-        }
-    }
-
-    /// Whether the upstream is currently marked down.
-    pub fn is_down(&self) -> bool {
-        self.down.load(Ordering::Relaxed)
-    }
-
-    /// Forgets everything known: the upstream moved to a new address.
-    pub fn reset(&self) {
-        self.successes.store(0, Ordering::Relaxed);
-        self.failures.store(0, Ordering::Relaxed);
-        self.down.store(false, Ordering::Relaxed);
-        self.metrics.set_up(self.upstream, true);
-    }
-
-    /// Records a good answer; returns true when this one brought the upstream back.
-    pub fn success(&self) -> bool {
-        self.failures.store(0, Ordering::Relaxed);
-        let n = self.successes.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-        if n >= self.rise && self.down.swap(false, Ordering::Relaxed) {
-            tracing::info!(upstream = self.upstream.as_str(), "upstream is up again");
-            self.metrics.set_up(self.upstream, true);
-            return true;
-        }
-        false
-    }
-
-    /// Records a failure; returns true when this one marked the upstream down.
-    pub fn failure(&self, why: &str) -> bool {
-        self.successes.store(0, Ordering::Relaxed);
-        let n = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-        if n >= self.fall && !self.down.swap(true, Ordering::Relaxed) {
-            tracing::warn!(upstream = self.upstream.as_str(), failures = n, why, "upstream marked down");
-            self.metrics.set_up(self.upstream, false);
-            return true;
-        }
-        false
-    }
-}
-
 /// Why an upstream exchange produced no response head, on the upstream's side.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -149,8 +85,7 @@ pub enum ExchangeError {
 #[derive(Debug)]
 pub struct Upstreams {
     client: HttpClient,
-    primary: Health,
-    replica: Health,
+    health: Arc<HealthBoard>,
     header_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -161,8 +96,7 @@ impl Upstreams {
         let h = &cfg.health;
         Upstreams {
             client: build_client(cfg),
-            primary: Health::new(Upstream::Primary, h.rise, h.fall, Arc::clone(metrics)),
-            replica: Health::new(Upstream::Replica, h.rise, h.fall, Arc::clone(metrics)),
+            health: Arc::new(HealthBoard::new(h.rise, h.fall, metrics)),
             header_timeout: cfg.limits.upstream_header_timeout,
             idle_timeout: cfg.limits.idle_timeout,
         }
@@ -170,10 +104,13 @@ impl Upstreams {
 
     /// The health of one upstream.
     pub fn health(&self, which: Upstream) -> &Health {
-        match which {
-            Upstream::Primary => &self.primary,
-            Upstream::Replica => &self.replica,
-        }
+        self.health.of(which)
+    }
+
+    /// The health of both upstreams, for those that report failures found later
+    /// (a response body that breaks off).
+    pub fn health_board(&self) -> &Arc<HealthBoard> {
+        &self.health
     }
 
     /// Sends a request (its URI already absolute) and waits for the response head.
@@ -181,8 +118,9 @@ impl Upstreams {
     /// The header timeout starts when the request body has been sent; while the body is
     /// in progress only a lack of progress (`idle_timeout`) ends the exchange (README
     /// "Limits and timeouts"). Connect errors, broken connections, timeouts and 5xx
-    /// answers count against the upstream's health, other answers for it; failures on
-    /// the client's side count neither way.
+    /// answers count against the upstream's health here; failures on the client's side
+    /// count neither way. Any other answer counts for it when its body has ended
+    /// (the caller reports that to [`Upstreams::health`]).
     pub async fn send(&self, which: Upstream, req: Request<ReqBody>) -> Result<Response<Incoming>, ExchangeError> {
         let health = self.health(which);
         let progress = req.body().progress().cloned();
@@ -198,9 +136,9 @@ impl Upstreams {
             Ok(Ok(resp)) => {
                 if resp.status().is_server_error() {
                     health.failure("answered 5xx");
-                } else {
-                    health.success();
                 }
+                // Any other answer counts for the upstream once its body has ended well,
+                // which only the holder of the response sees.
                 Ok(resp)
             }
             // The client's body broke off: hyper reports it as a failed exchange.
@@ -236,8 +174,12 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        // An error that prints its source already says it once.
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cause = c.source();
     }
     s
@@ -246,9 +188,12 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// Whether an active check's answer says the upstream is down.
 ///
 /// An S3 endpoint that answers at all is up (real ones answer a bare `HEAD` with 403,
-/// 404, 405 or 501): only gateway errors mean the S3 behind a proxy is unreachable.
+/// 404, 405 or 501): only gateway errors, the S3 behind a proxy being unreachable, and
+/// 500, S3's own `InternalError`, are failures. Counting 500 keeps checks in step with
+/// real requests, whose 5xx are failures: otherwise a replica answering 500 to everything
+/// is marked down by traffic and brought back by checks, again and again (README "Health").
 fn check_failed(status: http::StatusCode) -> bool {
-    matches!(status.as_u16(), 502..=504)
+    matches!(status.as_u16(), 500 | 502..=504)
 }
 
 /// Checks both upstreams every `interval` with a `HEAD` of their check path, forever.
@@ -295,44 +240,39 @@ pub async fn check_loop(upstreams: Arc<Upstreams>, tables: Arc<Tables>, health: 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn health_falls_and_rises() {
-        let m = Arc::new(Metrics::new());
-        let h = Health::new(Upstream::Replica, 2, 3, Arc::clone(&m));
-        assert!(!h.failure("x"));
-        assert!(!h.failure("x"));
-        assert!(!h.is_down());
-        assert!(h.failure("x"), "the third failure marks it down");
-        assert!(h.is_down());
-        assert!(m.render().contains("mediaroute_upstream_up{upstream=\"replica\"} 0"));
-        assert!(!h.failure("x"), "only the crossing reports");
-        assert!(!h.success(), "one success is not enough to rise");
-        assert!(h.is_down());
-        assert!(h.success());
-        assert!(!h.is_down());
-        assert!(m.render().contains("mediaroute_upstream_up{upstream=\"replica\"} 1"));
-        // A success in between resets the failure count.
-        assert!(!h.failure("x"));
-        assert!(!h.failure("x"));
-        h.success();
-        assert!(!h.failure("x"));
-        assert!(!h.is_down());
-    }
-}
-
-#[cfg(test)]
 mod check_tests {
     use super::*;
 
     #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let e = SendError::Stalled(Duration::from_secs(5));
+        let outer = crate::body::ClientFault::Stalled(Duration::from_secs(5));
+        assert_eq!(error_chain(&e), "took no request body bytes for 5s");
+        assert_eq!(error_chain(&outer), "the client sent no request body bytes for 5s");
+        let wrapped = WithSource(std::io::Error::other("refused"));
+        assert_eq!(error_chain(&wrapped), "wrapper: refused");
+    }
+
+    /// An error that prints its source in its own message, as thiserror's `{source}` does.
+    #[derive(Debug)]
+    struct WithSource(std::io::Error);
+    impl std::fmt::Display for WithSource {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "wrapper: {}", self.0)
+        }
+    }
+    impl std::error::Error for WithSource {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
     fn only_gateway_errors_fail_a_check() {
-        for ok in [200, 204, 301, 400, 403, 404, 405, 500, 501, 505] {
+        for ok in [200, 204, 301, 400, 403, 404, 405, 501, 505] {
             assert!(!check_failed(http::StatusCode::from_u16(ok).unwrap()), "{ok}");
         }
-        for bad in [502, 503, 504] {
+        for bad in [500, 502, 503, 504] {
             assert!(check_failed(http::StatusCode::from_u16(bad).unwrap()), "{bad}");
         }
     }

@@ -183,38 +183,151 @@ async fn switchable_server(status: Arc<AtomicU16>, name: &'static str) -> TestSe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_answering_503_is_marked_down_under_traffic() {
-    let status = Arc::new(AtomicU16::new(503));
-    let replica = switchable_server(Arc::clone(&status), "replica").await;
+async fn a_replica_answering_5xx_is_marked_down_under_traffic_and_stays_down() {
+    for failing in [503, 500] {
+        let status = Arc::new(AtomicU16::new(failing));
+        let replica = switchable_server(Arc::clone(&status), "replica").await;
+        let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
+        primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
+        let tail = "[health]\ninterval = \"300ms\"\ntimeout = \"200ms\"\nfall = 2\nrise = 2";
+        let proxy = start_proxy(&with_admin(&config_text(primary.addr, replica.addr, "delay = \"0s\"", tail))).await;
+        let mut reasons = Vec::new();
+        for _ in 0..100 {
+            let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
+            assert_eq!((a.status, a.body.as_str()), (200, "primary"));
+            reasons.push(a.reason);
+        }
+        let fallbacks = reasons.iter().filter(|r| *r == "fallback").count();
+        assert!(fallbacks <= 3, "replica {failing}: kept being tried: {fallbacks} fallbacks");
+        assert!(reasons[5..].iter().all(|r| r == "replica-down"), "replica {failing}: {reasons:?}");
+        // Longer than `rise` check intervals: the checks agree that it is down (no flapping).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(get_via(proxy.addr, &obj("a.mov"), "alice").await.reason, "replica-down", "replica {failing}");
+        let (_, m) = admin_get(proxy.admin_addr.unwrap(), "/metrics").await;
+        assert_eq!(metric(&m, "mediaroute_upstream_up{upstream=\"replica\"}"), 0.0);
+        assert_eq!(metric(&m, "mediaroute_fallbacks_total{cause=\"error\"}"), fallbacks as f64, "{m}");
+
+        // The replica recovers: active checks bring it back.
+        status.store(200, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
+            if a.reason == "replica" {
+                assert_eq!(a.body, "replica");
+                break;
+            }
+            assert!(Instant::now() < deadline, "replica {failing}: not used again: {}", a.reason);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_replica_that_breaks_downloads_off_is_marked_down() {
+    // Promises 1 MiB, sends 10 bytes, then drops the connection: every time.
+    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let replica_addr = listener.local_addr().unwrap();
+    let raw_replica = tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n0123456789").await;
+        }
+    });
     let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
     primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
-    let tail = "[health]\ninterval = \"300ms\"\ntimeout = \"200ms\"\nfall = 2\nrise = 2";
-    let proxy = start_proxy(&with_admin(&config_text(primary.addr, replica.addr, "delay = \"0s\"", tail))).await;
-    let mut reasons = Vec::new();
-    for _ in 0..100 {
-        let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
-        assert_eq!((a.status, a.body.as_str()), (200, "primary"));
-        reasons.push(a.reason);
+    let tail = "[health]\nfall = 2";
+    let proxy = start_proxy(&with_admin(&config_text(primary.addr, replica_addr, "delay = \"0s\"", tail))).await;
+    for _ in 0..2 {
+        let resp = client()
+            .get(format!("http://{}{}", proxy.addr, obj("a.mov")))
+            .header("x-forwarded-user", "alice")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["x-mediaroute-upstream"], "replica");
+        assert!(resp.bytes().await.is_err(), "a broken download never looks complete");
     }
-    let fallbacks = reasons.iter().filter(|r| *r == "fallback").count();
-    assert!(fallbacks <= 3, "the replica kept being tried: {fallbacks} fallbacks");
-    assert!(reasons[5..].iter().all(|r| r == "replica-down"), "{reasons:?}");
-    let (_, m) = admin_get(proxy.admin_addr.unwrap(), "/metrics").await;
-    assert_eq!(metric(&m, "mediaroute_upstream_up{upstream=\"replica\"}"), 0.0);
-    assert_eq!(metric(&m, "mediaroute_fallbacks_total{cause=\"error\"}"), fallbacks as f64, "{m}");
-
-    // The replica recovers: active checks bring it back.
-    status.store(200, Ordering::SeqCst);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
-        if a.reason == "replica" {
-            assert_eq!(a.body, "replica");
-            break;
+    let m = loop {
+        // The failure is recorded when the broken body is dropped.
+        let (_, m) = admin_get(proxy.admin_addr.unwrap(), "/metrics").await;
+        if metric(&m, "mediaroute_requests_total{upstream=\"replica\",reason=\"replica\",status_class=\"5xx\"}") == 2.0
+        {
+            break m;
         }
-        assert!(Instant::now() < deadline, "replica not used again: {}", a.reason);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(metric(&m, "mediaroute_upstream_up{upstream=\"replica\"}"), 0.0, "{m}");
+    let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
+    assert_eq!((a.reason.as_str(), a.body.as_str()), ("replica-down", "primary"));
+    raw_replica.abort();
+}
+
+#[tokio::test]
+async fn an_http_1_0_upstream_answer_reaches_the_client_as_http_1_1() {
+    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let old_addr = listener.local_addr().unwrap();
+    let old_server = tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let _ = conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+        }
+    });
+    let proxy = start_proxy(&config_text(old_addr, old_addr, "delay = \"0s\"", "")).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let req = format!("GET {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", obj("a.mov"));
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+    old_server.abort();
+}
+
+/// An upstream holding one object: it answers GET/HEAD with it, and a PUT by replacing
+/// it `commit_after` after the body has arrived (a slow commit, like a large multipart
+/// completion), whatever became of the client.
+async fn slow_commit_server(commit_after: Duration) -> TestServer {
+    let object = Arc::new(std::sync::Mutex::new(("take 1 on the primary".to_string(), SystemTime::now() - OLD)));
+    serve_fn(loopback0(), move |req: http::Request<hyper::body::Incoming>| {
+        let object = Arc::clone(&object);
+        async move {
+            if req.method() == http::Method::PUT {
+                let body = http_body_util::BodyExt::collect(req.into_body()).await.unwrap().to_bytes();
+                tokio::time::sleep(commit_after).await;
+                *object.lock().unwrap() = (String::from_utf8_lossy(&body).into_owned(), SystemTime::now());
+                return http::Response::new(full(""));
+            }
+            let (body, at) = object.lock().unwrap().clone();
+            let mut r =
+                http::Response::new(full(if req.method() == http::Method::HEAD { String::new() } else { body }));
+            r.headers_mut().insert("last-modified", httpdate::fmt_http_date(at).parse().unwrap());
+            r
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_client_gave_up_on_still_drops_the_learned_age() {
+    let primary = slow_commit_server(Duration::from_millis(800)).await;
+    let replica = store::serve(loopback0(), Store::new("r")).await.unwrap();
+    replica.store.put(&format!("/{RB}/take.mov"), "take 1 on the replica", SystemTime::now() - OLD);
+    let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"15m\"", "")).await;
+    let a = get_via(proxy.addr, &obj("take.mov"), "alice").await;
+    assert_eq!((a.reason.as_str(), a.body.as_str()), ("replica", "take 1 on the replica"));
+    // The client gives up before the primary commits; the primary commits anyway.
+    let put = client()
+        .put(format!("http://{}{}", proxy.addr, obj("take.mov")))
+        .timeout(Duration::from_millis(300))
+        .body("take 2")
+        .send()
+        .await;
+    assert!(put.is_err(), "the client was meant to give up: {put:?}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let a = get_via(proxy.addr, &obj("take.mov"), "alice").await;
+    assert_eq!((a.reason.as_str(), a.body.as_str()), ("too-young", "take 2"), "the old replica copy was served");
 }
 
 /// A server that reads requests and answers after `delay`.
@@ -272,7 +385,7 @@ async fn client_hang_ups_are_counted_as_the_clients() {
     conn.write_all(&vec![7u8; 1_000_000]).await.unwrap();
     drop(conn);
     let line = access_line(&proxy, "abandoned.mov").await;
-    assert!(line.contains("status=499"), "{line}");
+    assert!(line.contains("status=499") && line.contains("bytes=0") && line.contains("complete=false"), "{line}");
 
     // A download whose client leaves before the primary answers.
     let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();

@@ -16,6 +16,7 @@ pub(super) struct RawConfig {
     pub(super) identity: RawIdentity,
     pub(super) primary: RawUpstream,
     pub(super) replica: RawUpstream,
+    #[serde(default)]
     pub(super) replication: RawReplication,
     #[serde(default)]
     pub(super) users: BTreeMap<String, S>,
@@ -59,7 +60,7 @@ pub(super) struct RawUpstream {
     pub(super) health_path: Option<S>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawReplication {
     pub(super) default_mode: Option<S>,

@@ -173,14 +173,26 @@ fn timeouts_that_cannot_work_together_are_refused() {
     assert_eq!(
         errs,
         vec![
-            "/etc/mr/m.toml: limits.upstream_connect_timeout: 3s must be shorter than limits.upstream_header_timeout (2s)",
-            "/etc/mr/m.toml: health.timeout: 2s must not be longer than health.interval (1s)",
+            "/etc/mr/m.toml:17:27: limits.upstream_connect_timeout: 3s (the default) must be shorter than limits.upstream_header_timeout, 2s",
+            "/etc/mr/m.toml:19:12: health.timeout: 2s (the default) must not be longer than health.interval, 1s",
         ]
     );
     let ok = format!(
         "{GOOD}\n[limits]\nupstream_header_timeout = \"2s\"\nupstream_connect_timeout = \"1s\"\n[health]\ninterval = \"1s\"\ntimeout = \"1s\"\n"
     );
     assert!(parse_str(&ok).is_ok());
+}
+
+#[test]
+fn a_bad_upstream_does_not_hide_the_bucket_pairing() {
+    let src = GOOD.replace(
+        "url = \"http://127.0.0.1:9001\"",
+        "url = \"http://127.0.0.1:9001\"\nbucket = \"media\"\nhealth_path = \"ping\"",
+    );
+    let errs = errors(&src);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs.iter().any(|e| e.contains("primary.bucket: set on the primary only")), "{errs:#?}");
+    assert!(errs.iter().any(|e| e.contains("primary.health_path")), "{errs:#?}");
 }
 
 #[test]
@@ -196,4 +208,15 @@ fn health_paths_default_to_the_bucket_and_the_global_path_is_deprecated() {
     let cfg = parse_str(&format!("{GOOD}\n[health]\npath = \"/\"\n")).unwrap();
     assert_eq!(cfg.health.path.as_deref(), Some("/"));
     assert!(cfg.warnings[0].contains("health.path is deprecated"), "{:?}", cfg.warnings);
+}
+
+#[test]
+fn replication_may_be_left_out_and_missing_tables_are_named() {
+    let src = GOOD.replace("[replication]\nnetworks = [\"10.20.0.0/16\"]\ndelay = \"15m\"\n", "");
+    assert!(!src.contains("[replication]"));
+    let cfg = parse_str(&src).unwrap();
+    assert_eq!(cfg.replication.delay, Duration::from_secs(900));
+    assert!(cfg.replication.networks.is_empty());
+    let src = GOOD.replace("[primary]\nurl = \"http://127.0.0.1:9001\"\n", "");
+    assert_eq!(errors(&src), vec!["/etc/mr/m.toml: missing field `primary`"]);
 }

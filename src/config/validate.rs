@@ -14,6 +14,8 @@ use crate::duration::parse_duration;
 
 pub(super) fn serde_error(file: &Path, src: &str, e: &toml::de::Error) -> ConfigError {
     let (pos, key) = match e.span() {
+        // The whole document (a missing top-level table): no line to point at.
+        Some(span) if span.start == 0 && e.message().starts_with("missing field") => (None, None),
         Some(span) => {
             let pos = line_col(src, span.start);
             (Some(pos), key_at(src, pos.0))
@@ -63,6 +65,16 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 /// hyper needs at least this much buffer for a request head.
 const MIN_HEADER_SIZE: u32 = 8192;
 
+type Span = std::ops::Range<usize>;
+
+/// Where settings that are checked against each other are written, if they are.
+struct Written {
+    connect: Option<Span>,
+    header: Option<Span>,
+    check_timeout: Option<Span>,
+    interval: Option<Span>,
+}
+
 pub(super) struct Validator<'a> {
     pub(super) file: &'a Path,
     pub(super) src: &'a str,
@@ -95,9 +107,10 @@ impl Validator<'_> {
     ) -> Option<Config> {
         let listen = self.listen(raw.listen);
         let identity = self.identity(raw.identity);
+        // The bucket pairing is checked whatever else is wrong with either upstream.
+        self.buckets(raw.primary.bucket.as_ref(), raw.replica.bucket.as_ref());
         let primary = self.upstream(raw.primary, "primary");
         let replica = self.upstream(raw.replica, "replica");
-        self.buckets(&primary, &replica);
         let users_file = raw.replication.users_file.as_ref().map(|f| {
             let base = self.file.parent().unwrap_or(Path::new("."));
             (base.join(f.get_ref()), f.span())
@@ -115,10 +128,17 @@ impl Validator<'_> {
                 overridden_users.push(name.clone());
             }
         }
+        let span = |v: &Option<S>| v.as_ref().map(Spanned::span);
+        let written = Written {
+            connect: span(&raw.limits.upstream_connect_timeout),
+            header: span(&raw.limits.upstream_header_timeout),
+            check_timeout: span(&raw.health.timeout),
+            interval: span(&raw.health.interval),
+        };
         let limits = self.limits(raw.limits);
         let health = self.health(raw.health);
         if let (Some(l), Some(h)) = (&limits, &health) {
-            self.timeout_relations(l, h);
+            self.timeout_relations(l, h, &written);
         }
         let log = self.log(raw.log);
         let mut warnings = Vec::new();
@@ -132,8 +152,8 @@ impl Validator<'_> {
             path: self.file.to_path_buf(),
             listen: listen?,
             identity: identity?,
-            primary: primary?.0,
-            replica: replica?.0,
+            primary: primary?,
+            replica: replica?,
             replication: replication?,
             users,
             overridden_users,
@@ -241,7 +261,7 @@ impl Validator<'_> {
         ok.then_some(out)
     }
 
-    fn upstream(&mut self, raw: RawUpstream, name: &str) -> Option<(UpstreamConfig, Option<S>)> {
+    fn upstream(&mut self, raw: RawUpstream, name: &str) -> Option<UpstreamConfig> {
         let url = self.url(&raw.url, &format!("{name}.url"));
         let mut ok = true;
         if let Some(b) = &raw.bucket
@@ -299,7 +319,7 @@ impl Validator<'_> {
             auth: auth?,
             health_path,
         };
-        ok.then_some((cfg, raw.bucket))
+        ok.then_some(cfg)
     }
 
     fn url(&mut self, s: &S, key: &str) -> Option<http::Uri> {
@@ -325,15 +345,8 @@ impl Validator<'_> {
     }
 
     /// Bucket mapping needs both buckets or neither.
-    fn buckets(
-        &mut self,
-        primary: &Option<(UpstreamConfig, Option<S>)>,
-        replica: &Option<(UpstreamConfig, Option<S>)>,
-    ) {
-        let (Some((_, pb)), Some((_, rb))) = (primary, replica) else {
-            return;
-        };
-        match (pb, rb) {
+    fn buckets(&mut self, primary: Option<&S>, replica: Option<&S>) {
+        match (primary, replica) {
             (Some(b), None) => {
                 self.err_at(b.span(), "primary.bucket", "set on the primary only: set replica.bucket too, or neither")
             }
@@ -505,27 +518,38 @@ impl Validator<'_> {
     }
 
     /// Timeouts that are each fine alone but cannot work together (README "Limits and timeouts").
-    fn timeout_relations(&mut self, l: &Limits, h: &Health) {
-        let fmt = crate::duration::format_duration;
+    fn timeout_relations(&mut self, l: &Limits, h: &Health, written: &Written) {
         // A zero is already reported on its own.
         let set = |d: Duration| !d.is_zero();
+        let show = |d: Duration, at: &Option<Span>| {
+            let d = crate::duration::format_duration(d);
+            if at.is_some() { d } else { format!("{d} (the default)") }
+        };
         if set(l.upstream_header_timeout) && l.upstream_connect_timeout >= l.upstream_header_timeout {
             // The header timeout also runs while a GET connects: the connect timeout would never fire.
-            self.err_nowhere(
-                "limits.upstream_connect_timeout",
-                format!(
-                    "{} must be shorter than limits.upstream_header_timeout ({})",
-                    fmt(l.upstream_connect_timeout),
-                    fmt(l.upstream_header_timeout)
-                ),
+            let message = format!(
+                "{} must be shorter than limits.upstream_header_timeout, {}",
+                show(l.upstream_connect_timeout, &written.connect),
+                show(l.upstream_header_timeout, &written.header)
             );
+            self.err_where("limits.upstream_connect_timeout", [&written.connect, &written.header], message);
         }
         if set(h.interval) && h.timeout > h.interval {
             // Checks run one after another: one that may outlast the interval delays the next.
-            self.err_nowhere(
-                "health.timeout",
-                format!("{} must not be longer than health.interval ({})", fmt(h.timeout), fmt(h.interval)),
+            let message = format!(
+                "{} must not be longer than health.interval, {}",
+                show(h.timeout, &written.check_timeout),
+                show(h.interval, &written.interval)
             );
+            self.err_where("health.timeout", [&written.check_timeout, &written.interval], message);
+        }
+    }
+
+    /// An error at the first of `places` that is written in the file, or nowhere.
+    fn err_where(&mut self, key: &str, places: [&Option<Span>; 2], message: String) {
+        match places.into_iter().flatten().next() {
+            Some(span) => self.err_at(span.clone(), key, message),
+            None => self.err_nowhere(key, message),
         }
     }
 

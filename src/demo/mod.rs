@@ -160,7 +160,7 @@ impl Demo {
             method,
             path: path.to_string(),
         };
-        vec![
+        let mut steps = vec![
             step("alice (yes): replicated media comes from the replica", Some("alice"), None, "GET", &old),
             step("alice (yes): media younger than the delay stays on the primary", Some("alice"), None, "GET", &young),
             step(
@@ -175,8 +175,26 @@ impl Demo {
             step("carol (no): always the primary", Some("carol"), None, "GET", &old),
             step("anonymous: default_mode", None, None, "GET", &old),
             step("uploads always go to the primary", Some("alice"), None, "PUT", &format!("/{b}/uploads/new.mov")),
-            step("another bucket is refused", Some("alice"), None, "GET", "/other-bucket/file.mov"),
-        ]
+        ];
+        if self.config.primary.bucket.is_some() {
+            steps.push(step("another bucket is refused", Some("alice"), None, "GET", "/other-bucket/file.mov"));
+        }
+        steps
+    }
+
+    /// One line per upstream: where it listens and what it holds.
+    pub fn upstream_lines(&self) -> String {
+        let holds = |bucket: &Option<String>| match bucket {
+            Some(b) => format!("bucket {b}"),
+            None => "bucket-bound: the path is the key".to_string(),
+        };
+        format!(
+            "  primary upstream on http://{} ({})\n  replica upstream on http://{} ({})\n",
+            self.primary.addr,
+            holds(&self.config.primary.bucket),
+            self.replica.addr,
+            holds(&self.config.replica.bucket)
+        )
     }
 
     /// The tour as curl lines, with what the proxy answered to each.
