@@ -35,6 +35,8 @@ pub struct AccessRecord {
     pub complete: bool,
     /// The upstream body failed mid-stream.
     pub upstream_error: bool,
+    /// The upstream body stopped moving for the idle time (and the connection was closed).
+    pub upstream_stalled: bool,
     /// The client went away before the response was decided (its upload broke off).
     pub client_closed: bool,
     /// Where the request is counted, if anywhere.
@@ -65,15 +67,16 @@ impl Drop for AccessRecord {
         if let (Some(h), Some(u)) = (&self.health, self.upstream) {
             if self.upstream_error {
                 // After the head, nothing can be retried; the client saw the download break.
-                tracing::warn!(
-                    upstream = u.as_str(),
-                    path = &*self.path,
-                    bytes = self.bytes,
-                    "upstream broke off the response body"
-                );
-                h.of(u).failure("response body broke off");
-            } else if self.status < 500 {
-                // Delivered whole, or the client left while it flowed: the upstream did its part.
+                let what =
+                    if self.upstream_stalled { "upstream stalled mid-body" } else { "upstream broke off the body" };
+                tracing::warn!(upstream = u.as_str(), path = &*self.path, bytes = self.bytes, "{what}");
+                h.of(u).failure(if self.upstream_stalled {
+                    "response body stalled"
+                } else {
+                    "response body broke off"
+                });
+            } else if self.complete && self.status < 500 {
+                // Delivered whole. A client that left says nothing either way.
                 h.of(u).success();
             }
         }

@@ -67,6 +67,33 @@ type Versions = Vec<(Option<Hashed>, Arc<Slot>)>;
 struct Slots {
     by_path: HashMap<Hashed, Versions>,
     len: usize,
+    /// Writes in progress, by path: what a probe learns of such a key is not kept.
+    writing: HashMap<Hashed, u32>,
+    /// Writes in progress that may change any key (multi-object deletes).
+    writing_any: u32,
+}
+
+/// What a write may change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// The object at this path (every version).
+    Key(Box<str>),
+    /// Any object: a multi-object delete names its keys in its body.
+    Any,
+}
+
+/// A write in progress (see [`AgeCache::begin_write`]); when dropped, what was learned
+/// of the written key meanwhile is dropped too.
+#[derive(Debug)]
+pub struct Writing {
+    cache: Arc<AgeCache>,
+    what: Written,
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.cache.end_write(&self.what);
+    }
 }
 
 /// The bounded cache of object ages, shared by all requests.
@@ -93,9 +120,53 @@ impl AgeCache {
         self.len() == 0
     }
 
-    /// Forgets everything (the primary moved, or a write named keys we cannot see).
+    /// Forgets every age (the primary moved); writes in progress stay marked.
     pub fn clear(&self) {
-        *self.lock() = Slots::default();
+        let mut slots = self.lock();
+        slots.by_path.clear();
+        slots.len = 0;
+    }
+
+    /// Marks a write in progress until the guard is dropped: the write may have changed
+    /// the object from its first byte until its answer has ended (a multipart completion
+    /// answers at once and commits later), so nothing a probe learns of it meanwhile is
+    /// kept, and what was known before is dropped at both ends.
+    pub fn begin_write(self: &Arc<Self>, what: Written) -> Writing {
+        self.mark_write(&what, true);
+        Writing { cache: Arc::clone(self), what }
+    }
+
+    fn end_write(&self, what: &Written) {
+        self.mark_write(what, false);
+    }
+
+    fn mark_write(&self, what: &Written, begin: bool) {
+        let key = match what {
+            Written::Key(path) => Some(self.hash(path)),
+            Written::Any => None,
+        };
+        let mut slots = self.lock();
+        match key {
+            Some(k) => {
+                let n = slots.writing.entry(k).or_default();
+                if begin {
+                    *n += 1;
+                } else {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        slots.writing.remove(&k);
+                    }
+                }
+                if let Some(gone) = slots.by_path.remove(&k) {
+                    slots.len -= gone.len();
+                }
+            }
+            None => {
+                slots.writing_any = if begin { slots.writing_any + 1 } else { slots.writing_any.saturating_sub(1) };
+                slots.by_path.clear();
+                slots.len = 0;
+            }
+        }
     }
 
     /// Forgets every version of the object at `path` (a write through mediaroute changed it).
@@ -128,34 +199,59 @@ impl AgeCache {
         let slot = {
             let mut guard = self.lock();
             let slots = &mut *guard;
-            let known = slots.by_path.get_mut(&path).and_then(|vs| vs.iter_mut().find(|(v, _)| *v == version));
-            match known {
-                Some((_, slot)) if still_good(slot, delay, now) => Arc::clone(slot),
-                Some((_, slot)) => {
-                    *slot = Arc::new(Slot { result: OnceCell::new() });
-                    Arc::clone(slot)
-                }
-                None => {
-                    if slots.len >= self.capacity {
-                        // Any other path will do: the cost of a wrong guess is one extra probe.
-                        let victim = slots.by_path.keys().copied().find(|k| *k != path);
-                        if let Some(gone) = victim.and_then(|k| slots.by_path.remove(&k)) {
-                            slots.len -= gone.len();
-                        }
-                    }
-                    let slot = Arc::new(Slot { result: OnceCell::new() });
-                    slots.by_path.entry(path).or_default().push((version, Arc::clone(&slot)));
-                    slots.len += 1;
-                    slot
-                }
+            if slots.writing_any > 0 || slots.writing.contains_key(&path) {
+                // Being written: ask, but neither keep nor share the answer.
+                None
+            } else {
+                Some(self.slot_for(slots, path, version, delay, now))
             }
         };
+        let Some(slot) = slot else {
+            return to_age(probe().await, now);
+        };
         let (probe, _) = *slot.result.get_or_init(|| async { (probe().await, SystemTime::now()) }).await;
-        match probe {
-            Probe::Modified(t) => Age::Known(now.duration_since(t).unwrap_or(Duration::ZERO)),
-            Probe::Missing => Age::Missing,
-            Probe::Failed => Age::Unknown,
+        to_age(probe, now)
+    }
+
+    /// The slot that answers for `path` and `version`: a cached one still good, else a new one.
+    fn slot_for(
+        &self,
+        slots: &mut Slots,
+        path: Hashed,
+        version: Option<Hashed>,
+        delay: Duration,
+        now: SystemTime,
+    ) -> Arc<Slot> {
+        let known = slots.by_path.get_mut(&path).and_then(|vs| vs.iter_mut().find(|(v, _)| *v == version));
+        match known {
+            Some((_, slot)) if still_good(slot, delay, now) => Arc::clone(slot),
+            Some((_, slot)) => {
+                *slot = Arc::new(Slot { result: OnceCell::new() });
+                Arc::clone(slot)
+            }
+            None => {
+                if slots.len >= self.capacity {
+                    // Any other path will do: the cost of a wrong guess is one extra probe.
+                    let victim = slots.by_path.keys().copied().find(|k| *k != path);
+                    if let Some(gone) = victim.and_then(|k| slots.by_path.remove(&k)) {
+                        slots.len -= gone.len();
+                    }
+                }
+                let slot = Arc::new(Slot { result: OnceCell::new() });
+                slots.by_path.entry(path).or_default().push((version, Arc::clone(&slot)));
+                slots.len += 1;
+                slot
+            }
         }
+    }
+}
+
+/// The age a probe's answer gives at `now`.
+fn to_age(probe: Probe, now: SystemTime) -> Age {
+    match probe {
+        Probe::Modified(t) => Age::Known(now.duration_since(t).unwrap_or(Duration::ZERO)),
+        Probe::Missing => Age::Missing,
+        Probe::Failed => Age::Unknown,
     }
 }
 
@@ -269,6 +365,31 @@ mod tests {
         // Cached: these probes are not run.
         assert!(matches!(cache.age(v1, DELAY, old(1)).await, Age::Known(a) if a.as_secs() >= 7199));
         assert!(matches!(cache.age(current, DELAY, old(1)).await, Age::Known(a) if a.as_secs() >= 99));
+    }
+
+    #[tokio::test]
+    async fn nothing_learned_during_a_write_is_kept() {
+        let cache = Arc::new(AgeCache::new(10));
+        let probes = AtomicUsize::new(0);
+        let old = || async {
+            probes.fetch_add(1, Ordering::SeqCst);
+            Probe::Modified(ago(3600))
+        };
+        cache.age(key("/b/w.mov"), DELAY, old).await;
+        let writing = cache.begin_write(Written::Key("/b/w.mov".into()));
+        // Probes while the write runs (e.g. before a multipart completion commits) are not kept.
+        cache.age(key("/b/w.mov"), DELAY, old).await;
+        cache.age(key("/b/w.mov"), DELAY, old).await;
+        assert_eq!(probes.load(Ordering::SeqCst), 3);
+        cache.age(key("/b/other.mov"), DELAY, old).await;
+        cache.age(key("/b/other.mov"), DELAY, old).await;
+        assert_eq!(probes.load(Ordering::SeqCst), 4, "other keys are cached as usual");
+        drop(writing);
+        let fresh = cache.age(key("/b/w.mov"), DELAY, || async { Probe::Missing }).await;
+        assert_eq!(fresh, Age::Missing, "asked again once the write has ended");
+        let any = cache.begin_write(Written::Any);
+        assert!(cache.is_empty(), "a multi-object delete forgets everything");
+        drop(any);
     }
 
     #[tokio::test]

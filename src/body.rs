@@ -2,18 +2,19 @@
 //! An upload reports how it is moving, so the exchange is timed by progress, not duration.
 
 use std::pin::Pin;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::sync::Notify;
 
 use crate::access::AccessRecord;
+use crate::age::Writing;
 use crate::idle::Activity;
 
 /// A failure on the client's side of an exchange: never an upstream failure.
@@ -96,7 +97,7 @@ pub enum ReqBody {
         /// The body.
         body: Incoming,
         /// Where its movement is recorded.
-        progress: std::sync::Arc<Progress>,
+        progress: Arc<Progress>,
     },
     /// No body (GET/HEAD, probes, fallback retries).
     Empty,
@@ -105,7 +106,7 @@ pub enum ReqBody {
 impl ReqBody {
     /// Forwards the client's body, recording its progress.
     pub fn stream(body: Incoming) -> ReqBody {
-        let progress = std::sync::Arc::new(Progress::default());
+        let progress = Arc::new(Progress::default());
         // An empty body may never be polled.
         if body.is_end_stream() {
             progress.finish();
@@ -114,7 +115,7 @@ impl ReqBody {
     }
 
     /// The progress record of a streamed body.
-    pub fn progress(&self) -> Option<&std::sync::Arc<Progress>> {
+    pub fn progress(&self) -> Option<&Arc<Progress>> {
         match self {
             ReqBody::Stream { progress, .. } => Some(progress),
             ReqBody::Empty => None,
@@ -168,6 +169,12 @@ impl Body for ReqBody {
 pub struct RespBody {
     inner: Inner,
     record: Option<Box<AccessRecord>>,
+    /// The client connection's activity: tells an upstream that stalled from a client that left.
+    connection: Option<Arc<Activity>>,
+    /// The last poll found the upstream with nothing to send.
+    waiting_on_upstream: bool,
+    /// A write in progress, held until its answer has ended, and how long its answer may pause.
+    writing: Option<(Writing, Duration)>,
 }
 
 #[derive(Debug)]
@@ -177,19 +184,36 @@ enum Inner {
 }
 
 impl RespBody {
+    fn new(inner: Inner) -> RespBody {
+        RespBody { inner, record: None, connection: None, waiting_on_upstream: false, writing: None }
+    }
+
     /// Streams an upstream body through.
     pub fn upstream(body: Incoming) -> RespBody {
-        RespBody { inner: Inner::Upstream(body), record: None }
+        RespBody::new(Inner::Upstream(body))
     }
 
     /// A small body made here (errors, admin pages).
     pub fn full(bytes: impl Into<Bytes>) -> RespBody {
-        RespBody { inner: Inner::Full(Full::new(bytes.into())), record: None }
+        RespBody::new(Inner::Full(Full::new(bytes.into())))
     }
 
     /// An empty body.
     pub fn empty() -> RespBody {
         RespBody::full(Bytes::new())
+    }
+
+    /// Watches the client connection this body is sent on (README "Health").
+    pub fn on_connection(mut self, connection: Option<Arc<Activity>>) -> RespBody {
+        self.connection = connection;
+        self
+    }
+
+    /// Holds a write's mark until this answer has ended; if the client leaves first, the
+    /// rest of the answer is read (pausing at most `idle` between pieces) before the mark goes.
+    pub fn holding(mut self, writing: Writing, idle: Duration) -> RespBody {
+        self.writing = Some((writing, idle));
+        self
     }
 
     /// Attaches the access record, written when the body ends or is dropped.
@@ -210,6 +234,44 @@ impl RespBody {
     }
 }
 
+impl Drop for RespBody {
+    fn drop(&mut self) {
+        let ended = self.inner_end_stream();
+        if let Some(rec) = self.record.as_deref_mut()
+            && !rec.complete
+            && !ended
+            && self.waiting_on_upstream
+            && self.connection.as_ref().is_some_and(|c| c.closed_for_idleness())
+        {
+            // Nothing moved for the idle time while the body waited on its upstream.
+            rec.upstream_error = true;
+            rec.upstream_stalled = true;
+        }
+        if let Some((writing, idle)) = self.writing.take()
+            && !ended
+            && let Inner::Upstream(body) = std::mem::replace(&mut self.inner, Inner::Full(Full::default()))
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(drain_write(body, idle, writing));
+        }
+    }
+}
+
+/// Reads the rest of a write's answer, then lets its mark go: until the answer ends the
+/// upstream may still be committing (README "Object age").
+pub async fn drain_write(mut body: Incoming, idle: Duration, writing: Writing) {
+    // Write answers are small XML documents; anything longer is not worth reading.
+    const MOST: usize = 1 << 20;
+    let mut read = 0;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(idle, body.frame()).await {
+        read += frame.data_ref().map_or(0, Bytes::len);
+        if read > MOST {
+            break;
+        }
+    }
+    drop(writing);
+}
+
 impl Body for RespBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -217,7 +279,11 @@ impl Body for RespBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = match &mut this.inner {
-            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Inner::Upstream(b) => {
+                let polled = Pin::new(b).poll_frame(cx);
+                this.waiting_on_upstream = polled.is_pending();
+                polled
+            }
             Inner::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
         };
         let ended = this.inner_end_stream();

@@ -46,8 +46,14 @@ impl Health {
         self.metrics.set_up(self.upstream, true);
     }
 
-    /// Records a good answer; returns true when this one brought the upstream back.
-    pub fn success(&self) -> bool {
+    /// Records a good answer to a real request: it breaks a run of failures, but only
+    /// checks bring a down upstream back (README "Health").
+    pub fn success(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Records a passed active check; returns true when this one brought the upstream back.
+    pub fn check_passed(&self) -> bool {
         self.failures.store(0, Ordering::Relaxed);
         let n = self.successes.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         if n >= self.rise && self.down.swap(false, Ordering::Relaxed) {
@@ -111,9 +117,12 @@ mod tests {
         assert!(h.is_down());
         assert!(m.render().contains("mediaroute_upstream_up{upstream=\"replica\"} 0"));
         assert!(!h.failure("x"), "only the crossing reports");
-        assert!(!h.success(), "one success is not enough to rise");
+        h.success();
+        h.success();
+        assert!(h.is_down(), "answers to real requests never bring it back");
+        assert!(!h.check_passed(), "one check is not enough to rise");
         assert!(h.is_down());
-        assert!(h.success());
+        assert!(h.check_passed());
         assert!(!h.is_down());
         assert!(m.render().contains("mediaroute_upstream_up{upstream=\"replica\"} 1"));
         // A success in between resets the failure count.

@@ -4,7 +4,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,8 @@ pub struct Activity {
     last_ms: AtomicU64,
     /// Requests of this connection waiting on an upstream: while any is, the connection is not idle.
     busy: AtomicU32,
+    /// The idle watchdog closed the connection.
+    idle_closed: AtomicBool,
 }
 
 impl Default for Activity {
@@ -28,7 +30,12 @@ impl Default for Activity {
 impl Activity {
     /// A record that counts as active from now.
     pub fn new() -> Activity {
-        Activity { opened: Instant::now(), last_ms: AtomicU64::new(0), busy: AtomicU32::new(0) }
+        Activity {
+            opened: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            busy: AtomicU32::new(0),
+            idle_closed: AtomicBool::new(false),
+        }
     }
 
     /// Records movement now.
@@ -50,6 +57,16 @@ impl Activity {
         now.saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
     }
 
+    /// Records that the idle watchdog is closing the connection.
+    fn close_for_idleness(&self) {
+        self.idle_closed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the idle watchdog closed the connection (rather than the client).
+    pub fn closed_for_idleness(&self) -> bool {
+        self.idle_closed.load(Ordering::Relaxed)
+    }
+
     /// Marks a request busy until the guard is dropped; the quiet time restarts then.
     pub fn busy(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::Relaxed);
@@ -68,11 +85,13 @@ impl Drop for Busy {
     }
 }
 
-/// Resolves once `activity` has seen no bytes and no busy request for `idle`.
+/// Resolves once `activity` has seen no bytes and no busy request for `idle`, having
+/// recorded that the connection is closed for idleness (before the caller drops it).
 pub async fn idle_for(activity: &Activity, idle: Duration) {
     loop {
         let quiet = activity.quiet_for();
         if quiet >= idle {
+            activity.close_for_idleness();
             return;
         }
         tokio::time::sleep(idle - quiet).await;

@@ -13,12 +13,13 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::access::AccessRecord;
-use crate::age::{AgeCache, ObjectKey, Probe, parse_last_modified};
-use crate::body::{ClientFault, ReqBody, RespBody};
+use crate::age::{AgeCache, ObjectKey, Probe, Writing, Written, parse_last_modified};
+use crate::body::{ClientFault, ReqBody, RespBody, drain_write};
 use crate::client;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers::{X_MEDIAROUTE_REASON, X_MEDIAROUTE_UPSTREAM, append_forwarded_for, remove_hop_by_hop};
+use crate::idle::Activity;
 use crate::metrics::{FallbackCause, Metrics, ProbeResult};
 use crate::route::{self, Age, Reason, RequestFacts};
 use crate::table::{Addressing, RoutingTable, Tables, Upstream};
@@ -31,6 +32,7 @@ pub struct Proxy {
     upstreams: Arc<Upstreams>,
     ages: Arc<AgeCache>,
     probe_timeout: Duration,
+    idle_timeout: Duration,
     metrics: Arc<Metrics>,
     ready: AtomicBool,
 }
@@ -53,6 +55,7 @@ impl Proxy {
             upstreams: Arc::new(Upstreams::new(cfg, &metrics)),
             ages: Arc::new(AgeCache::new(cfg.limits.age_cache_entries)),
             probe_timeout: cfg.limits.age_probe_timeout,
+            idle_timeout: cfg.limits.idle_timeout,
             metrics,
             ready: AtomicBool::new(false),
         }
@@ -92,6 +95,7 @@ impl Proxy {
     pub async fn serve(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
         let table = self.tables.current();
         let (mut parts, body) = req.into_parts();
+        let connection = parts.extensions.remove::<Arc<Activity>>();
         // Dropped with the request if the client goes away first: then it logs a 499.
         let mut rec = Box::new(AccessRecord {
             start: Instant::now(),
@@ -105,6 +109,7 @@ impl Proxy {
             bytes: 0,
             complete: false,
             upstream_error: false,
+            upstream_stalled: false,
             client_closed: false,
             metrics: Some(Arc::clone(&self.metrics)),
             health: Some(Arc::clone(self.upstreams.health_board())),
@@ -140,7 +145,7 @@ impl Proxy {
             }
         };
         rec.status = resp.status().as_u16();
-        resp.map(|b| b.with_record(rec))
+        resp.map(|b| b.on_connection(connection).with_record(rec))
     }
 
     async fn forward(
@@ -213,42 +218,61 @@ impl Proxy {
             return self.send_primary(req, reason).await;
         }
         let req = build_request(table, Upstream::Primary, out.method.clone(), &out, headers, ReqBody::stream(body))?;
-        let stale = if admitted.key {
-            Stale::Key(out.path.into())
+        let written = if admitted.key {
+            Some(Written::Key(out.path.into()))
         } else if names_multi_delete(query) {
-            // The keys are in the body, which is streamed, not read.
-            Stale::All
+            Some(Written::Any)
         } else {
-            Stale::Nothing
+            None
         };
-        self.write(req, reason, stale).await
+        self.write(req, reason, written.map(|w| self.ages.begin_write(w))).await
     }
 
-    /// Sends a write to the primary. The exchange runs in a task of its own, so that what
-    /// was known of the written key is dropped once the primary has answered, even when
-    /// the client has gone by then (the primary may still have committed the write).
+    /// Sends a write to the primary. The exchange runs in a task of its own, and the
+    /// write's mark in the age cache is held until the primary's answer has ended, even
+    /// when the client has gone by then (the primary may still commit the write).
     async fn write(
         &self,
         req: Request<ReqBody>,
         reason: Reason,
-        stale: Stale,
+        writing: Option<Writing>,
     ) -> Result<Response<RespBody>, ProxyError> {
         let upstreams = Arc::clone(&self.upstreams);
-        let ages = Arc::clone(&self.ages);
-        let exchange = tokio::spawn(async move {
-            let answer = upstreams.send(Upstream::Primary, req).await;
-            // Whatever the answer, the key may have changed.
-            match stale {
-                Stale::Key(path) => ages.forget(&path),
-                Stale::All => ages.clear(),
-                Stale::Nothing => {}
+        let idle = self.idle_timeout;
+        let path = Box::<str>::from(req.uri().path());
+        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            match upstreams.send(Upstream::Primary, req).await {
+                Ok(resp) => {
+                    if let Err(Ok((resp, writing))) = answer_tx.send(Ok((resp, writing))) {
+                        tracing::debug!(
+                            path = &*path,
+                            status = resp.status().as_u16(),
+                            "a write was answered after its client left"
+                        );
+                        if let Some(w) = writing {
+                            drain_write(resp.into_body(), idle, w).await;
+                        }
+                    }
+                }
+                Err(e) => {
+                    if let Err(Err(ExchangeError::Upstream(e))) = answer_tx.send(Err(e)) {
+                        // Nobody else will say it: the client has gone.
+                        tracing::warn!(error = %error_chain(&e), path = &*path, "upstream request failed after its client left");
+                    }
+                }
             }
-            answer
         });
-        match exchange.await {
-            Ok(Ok(resp)) => Ok(to_client(resp, Upstream::Primary, reason)),
+        match answer_rx.await {
+            Ok(Ok((resp, writing))) => {
+                let resp = to_client(resp, Upstream::Primary, reason);
+                Ok(match writing {
+                    Some(w) => resp.map(|b| b.holding(w, idle)),
+                    None => resp,
+                })
+            }
             Ok(Err(e)) => Err(ProxyError::exchange(Upstream::Primary, e)),
-            Err(_) => Err(ProxyError::Internal("the upload task ended unexpectedly")),
+            Err(_) => Err(ProxyError::Internal("the write task ended unexpectedly")),
         }
     }
 
@@ -310,16 +334,6 @@ impl Proxy {
             })
             .await
     }
-}
-
-/// What a write makes stale in the age cache.
-enum Stale {
-    /// The written key (every version).
-    Key(Box<str>),
-    /// Everything: a multi-object delete names its keys in its body.
-    All,
-    /// Nothing: a bucket-level write that changes no object.
-    Nothing,
 }
 
 /// Whether a query is S3's multi-object delete (`POST /bucket?delete`).

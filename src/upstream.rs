@@ -223,7 +223,7 @@ pub async fn check_loop(upstreams: Arc<Upstreams>, tables: Arc<Tables>, health: 
                         h.failure(&format!("check answered {}", resp.status().as_u16()));
                     }
                     Ok(Ok(_)) => {
-                        h.success();
+                        h.check_passed();
                     }
                     Ok(Err(e)) => {
                         h.failure(&format!("check failed: {}", error_chain(&e)));

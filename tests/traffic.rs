@@ -248,6 +248,7 @@ async fn a_replica_that_breaks_downloads_off_is_marked_down() {
         assert_eq!(resp.headers()["x-mediaroute-upstream"], "replica");
         assert!(resp.bytes().await.is_err(), "a broken download never looks complete");
     }
+    let deadline = Instant::now() + Duration::from_secs(5);
     let m = loop {
         // The failure is recorded when the broken body is dropped.
         let (_, m) = admin_get(proxy.admin_addr.unwrap(), "/metrics").await;
@@ -255,6 +256,7 @@ async fn a_replica_that_breaks_downloads_off_is_marked_down() {
         {
             break m;
         }
+        assert!(Instant::now() < deadline, "not counted as the upstream's failure:\n{m}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(metric(&m, "mediaroute_upstream_up{upstream=\"replica\"}"), 0.0, "{m}");
@@ -588,4 +590,139 @@ async fn a_busy_flag_is_dropped_even_when_the_request_fails() {
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 403"));
     let closed = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await;
     assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+}
+
+#[tokio::test]
+async fn a_client_that_gives_up_does_not_count_for_the_upstream() {
+    // A replica that never answers: three timeouts in a row mark it down, and a client
+    // that gives up in between does not break the run.
+    let replica = slow_answer(Duration::from_secs(3600), "replica").await;
+    let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
+    primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
+    let tail =
+        "[limits]\nupstream_header_timeout = \"400ms\"\nupstream_connect_timeout = \"100ms\"\n[health]\nfall = 3";
+    let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"0s\"", tail)).await;
+    let path = obj("a.mov");
+    let get = || get_via(proxy.addr, &path, "alice");
+    for _ in 0..2 {
+        assert_eq!(get().await.reason, "fallback");
+    }
+    let gave_up = client()
+        .get(format!("http://{}{}", proxy.addr, obj("a.mov")))
+        .header("x-forwarded-user", "alice")
+        .timeout(Duration::from_millis(150))
+        .send()
+        .await;
+    assert!(gave_up.is_err());
+    assert_eq!(get().await.reason, "fallback");
+    assert_eq!(get().await.reason, "replica-down", "the third timeout in a row marks it down");
+}
+
+#[tokio::test]
+async fn a_replica_that_stalls_mid_body_is_marked_down() {
+    // Sends its head and 1000 bytes of a 1 MiB body, then nothing, and keeps the connection.
+    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let replica_addr = listener.local_addr().unwrap();
+    let stalling = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n").await;
+            let _ = conn.write_all(&[7u8; 1000]).await;
+            held.push(conn);
+        }
+    });
+    let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
+    primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
+    let tail = "[limits]\nidle_timeout = \"400ms\"\n[health]\nfall = 2";
+    let proxy = start_proxy(&with_admin(&config_text(primary.addr, replica_addr, "delay = \"0s\"", tail))).await;
+    for _ in 0..2 {
+        let resp = client()
+            .get(format!("http://{}{}", proxy.addr, obj("a.mov")))
+            .header("x-forwarded-user", "alice")
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.bytes().await.is_err(), "a stalled download never looks complete");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let m = loop {
+        let (_, m) = admin_get(proxy.admin_addr.unwrap(), "/metrics").await;
+        if metric(&m, "mediaroute_requests_total{upstream=\"replica\",reason=\"replica\",status_class=\"5xx\"}") == 2.0
+        {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "not counted as the upstream's failure:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(metric(&m, "mediaroute_upstream_up{upstream=\"replica\"}"), 0.0, "{m}");
+    let closed = "mediaroute_requests_total{upstream=\"replica\",reason=\"replica\",status_class=\"client-closed\"}";
+    assert_eq!(metric(&m, closed), 0.0, "not the client's doing");
+    assert_eq!(get_via(proxy.addr, &obj("a.mov"), "alice").await.reason, "replica-down");
+    stalling.abort();
+}
+
+/// An upstream holding one object that answers a write at once, then streams its answer
+/// for `commit_after` before committing the write and ending the answer, as S3 does
+/// while it assembles a multipart upload.
+async fn streaming_commit_server(commit_after: Duration) -> TestServer {
+    let object = Arc::new(std::sync::Mutex::new(("part 1 on the primary".to_string(), SystemTime::now() - OLD)));
+    serve_fn(loopback0(), move |req: http::Request<hyper::body::Incoming>| {
+        let object = Arc::clone(&object);
+        async move {
+            if req.method() == http::Method::POST {
+                let body = http_body_util::BodyExt::collect(req.into_body()).await.unwrap().to_bytes();
+                let new = String::from_utf8_lossy(&body).into_owned();
+                let answer = futures_util::stream::unfold(0, move |step| {
+                    let (object, new) = (Arc::clone(&object), new.clone());
+                    async move {
+                        match step {
+                            0 => Some((Ok(hyper::body::Frame::data(Bytes::from_static(b" "))), 1)),
+                            1 => {
+                                tokio::time::sleep(commit_after).await;
+                                *object.lock().unwrap() = (new, SystemTime::now());
+                                Some((Ok(hyper::body::Frame::data(Bytes::from_static(b"<Done/>"))), 2))
+                            }
+                            _ => None::<(Result<_, std::convert::Infallible>, i32)>,
+                        }
+                    }
+                });
+                return http::Response::new(http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(answer)));
+            }
+            let (body, at) = object.lock().unwrap().clone();
+            let mut r =
+                http::Response::new(full(if req.method() == http::Method::HEAD { String::new() } else { body }));
+            r.headers_mut().insert("last-modified", httpdate::fmt_http_date(at).parse().unwrap());
+            r
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_learned_while_a_write_commits_is_not_kept() {
+    for client_stays in [true, false] {
+        let primary = streaming_commit_server(Duration::from_millis(700)).await;
+        let replica = store::serve(loopback0(), Store::new("r")).await.unwrap();
+        replica.store.put(&format!("/{RB}/mp.mov"), "part 1 on the replica", SystemTime::now() - OLD);
+        let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"15m\"", "")).await;
+        assert_eq!(get_via(proxy.addr, &obj("mp.mov"), "alice").await.reason, "replica");
+        let url = format!("http://{}{}?uploadId=u1", proxy.addr, obj("mp.mov"));
+        let completion = tokio::spawn(async move {
+            let resp = client().post(url).body("take 2").send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            if client_stays {
+                assert!(resp.text().await.unwrap().ends_with("<Done/>"));
+            }
+            // Otherwise the client leaves as soon as it has the head.
+        });
+        // Asked while the primary still has the old object: the answer must not stick.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(get_via(proxy.addr, &obj("mp.mov"), "alice").await.body, "part 1 on the replica");
+        completion.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let a = get_via(proxy.addr, &obj("mp.mov"), "alice").await;
+        assert_eq!((a.reason.as_str(), a.body.as_str()), ("too-young", "take 2"), "client stays: {client_stays}");
+    }
 }

@@ -184,10 +184,12 @@ fn serve(
     let io = IdleIo::new(stream);
     let activity = io.activity();
     let busy = Arc::clone(&activity);
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let proxy = Arc::clone(&proxy);
         // Waiting on a probe or an upstream is not idleness (README "Limits and timeouts").
         let guard = busy.busy();
+        // The response body reads it to tell an upstream stall from a client that left.
+        req.extensions_mut().insert(Arc::clone(&busy));
         async move {
             let resp = proxy.serve(req, peer).await;
             drop(guard);
@@ -200,7 +202,7 @@ fn serve(
             res = conn => if let Err(e) = res {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             },
-            () = idle_for(&activity, idle) => tracing::debug!(%peer, "closing idle connection"),
+            () = idle_for(&activity, idle) => tracing::debug!(%peer, "closed idle connection"),
         }
         drop(permit);
     });
