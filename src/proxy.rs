@@ -22,7 +22,7 @@ use crate::headers::{X_MEDIAROUTE_REASON, X_MEDIAROUTE_UPSTREAM, append_forwarde
 use crate::idle::Activity;
 use crate::metrics::{FallbackCause, Metrics, ProbeResult};
 use crate::route::{self, Age, Reason, RequestFacts};
-use crate::table::{Addressing, RoutingTable, Tables, Upstream};
+use crate::table::{RoutingTable, Tables, Upstream};
 use crate::upstream::{ExchangeError, SendError, Upstreams, error_chain};
 
 /// Shared state of the proxy service.
@@ -404,16 +404,12 @@ fn build_request(
 ) -> Result<Request<ReqBody>, ProxyError> {
     let target = table.target(to);
     let mut pq = String::with_capacity(out.path.len() + out.query.as_deref().map_or(0, |q| q.len() + 1) + 16);
-    match (to, table.addressing()) {
-        (Upstream::Replica, Addressing::PathStyle { primary, replica }) => {
-            // Admission checked that the first segment is the primary bucket.
-            let rest = out.path.strip_prefix('/').and_then(|p| p.strip_prefix(primary)).unwrap_or("");
-            pq.push('/');
-            pq.push_str(replica);
-            pq.push_str(rest);
-        }
-        _ => pq.push_str(out.path),
+    let (bucket, rest) = route::upstream_path(table, to, out.path);
+    if let Some(b) = bucket {
+        pq.push('/');
+        pq.push_str(b);
     }
+    pq.push_str(rest);
     if let Some(q) = &out.query {
         pq.push('?');
         pq.push_str(q);

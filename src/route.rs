@@ -220,10 +220,61 @@ pub fn admit(table: &RoutingTable, connect: bool, path: &str, query: Option<&str
     Ok(Admitted { key, object: key && !names_sub_resource(query) })
 }
 
-/// Whether any path segment is `.` or `..`, literally or percent-encoded.
+/// The path an admitted request is sent with to `to`: path-style, the first segment
+/// becomes the replica's bucket on the replica; otherwise the path as it came. Returned as
+/// the bucket to put first (if any) and the rest, so the caller builds it without copies.
+pub fn upstream_path<'a>(table: &'a RoutingTable, to: Upstream, path: &'a str) -> (Option<&'a str>, &'a str) {
+    match (to, table.addressing()) {
+        (Upstream::Replica, Addressing::PathStyle { primary, replica }) => {
+            // Admission checked that the first segment is the primary bucket.
+            let rest = path.strip_prefix('/').and_then(|p| p.strip_prefix(primary)).unwrap_or("");
+            (Some(replica), rest)
+        }
+        _ => (None, path),
+    }
+}
+
+/// Whether the path has a `.` or `..` segment as an upstream that decodes and normalises
+/// would see it: `%XX` decoded once, `/` and `\` (also as `%2F`, `%5C`) both separators.
+/// Such an upstream would turn `/bucket/..%2Fother/x` into `/other/x` (README "Buckets and
+/// addressing").
 fn has_dot_segment(path: &str) -> bool {
-    path.split('/')
-        .any(|seg| [".", "..", "%2e", "%2e%2e", ".%2e", "%2e."].iter().any(|dot| seg.eq_ignore_ascii_case(dot)))
+    let decoded = percent_decoded(path);
+    decoded.split(|b| *b == b'/' || *b == b'\\').any(|seg| seg == b"." || seg == b"..")
+}
+
+/// `%XX` escapes decoded once; a broken escape stays as written. Borrows when there are none.
+fn percent_decoded(path: &str) -> std::borrow::Cow<'_, [u8]> {
+    let bytes = path.as_bytes();
+    if !bytes.contains(&b'%') {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let hex = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex))
+        {
+            (b'%', Some(hi), Some(lo)) => Some(hi << 4 | lo),
+            _ => None,
+        };
+        match escaped {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Whether a query names an S3 sub-resource (`?acl`, `?uploadId=...`): not a plain object read.

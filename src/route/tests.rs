@@ -228,10 +228,25 @@ fn targets_that_are_not_paths_and_dot_segments_are_refused() {
         for target in ["*", "", "example.com:443", "http://x/media/a"] {
             assert_eq!(admit(&t, false, target, None), Err(Refusal::NotAPath), "{target}");
         }
-        for p in ["/media/../x", "/media/./x", "/media/%2e%2E/x", "/media/.%2e/x", "/media/%2E", "/.."] {
+        for p in [
+            "/media/../x",
+            "/media/./x",
+            "/media/%2e%2E/x",
+            "/media/.%2e/x",
+            "/media/%2E",
+            "/..",
+            // Whole segments only once `%2F` and `\` are separators too.
+            "/media/..%2fother/x",
+            "/media/%2e%2e%2fother/x",
+            "/media/x/..%2f..%2fother%2fx",
+            "/media/..%5cother",
+            "/media/..\\other",
+            "/media/x\\..\\..\\other",
+            "/media/%2E%2E%2F",
+        ] {
             assert_eq!(admit(&t, false, p, None), Err(Refusal::DotSegment), "{p}");
         }
-        for p in ["/media/..x", "/media/x.mov", "/media/.hidden", "/media/%2e%2ex"] {
+        for p in ["/media/..x", "/media/x.mov", "/media/.hidden", "/media/%2e%2ex", "/media/a%2fb", "/media/%zz/..x"] {
             assert!(admit(&t, false, p, None).is_ok(), "{p}");
         }
     }
