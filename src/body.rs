@@ -2,7 +2,7 @@
 //! An upload reports how it is moving, so the exchange is timed by progress, not duration.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -26,6 +26,9 @@ pub enum ClientFault {
     /// The client sent no upload bytes for this long while the upstream waited for them.
     #[error("the client sent no request body bytes for {0:?}")]
     Stalled(Duration),
+    /// The client's body framing is broken (a bad chunk, a body that does not fit its length).
+    #[error("the request body is malformed")]
+    Malformed,
 }
 
 /// How an upload is moving, shared by the body the upstream client polls and the
@@ -37,7 +40,8 @@ pub struct Progress {
     ended: Notify,
     /// The upstream side asked for more and the client had none yet.
     waiting_on_client: AtomicBool,
-    client_failed: AtomicBool,
+    /// How the client's body failed: 0 it did not, 1 the client went away, 2 malformed.
+    client_failed: AtomicU8,
 }
 
 /// Which limit an exchange ran into first.
@@ -58,9 +62,13 @@ impl Progress {
         }
     }
 
-    /// Whether the client's body broke off (it went away mid-upload).
-    pub fn client_failed(&self) -> bool {
-        self.client_failed.load(Ordering::Relaxed)
+    /// How the client's body failed, if it did: it went away, or sent broken framing.
+    pub fn client_fault(&self) -> Option<ClientFault> {
+        match self.client_failed.load(Ordering::Relaxed) {
+            0 => None,
+            1 => Some(ClientFault::Closed),
+            _ => Some(ClientFault::Malformed),
+        }
     }
 
     /// Resolves when the exchange is overdue: no response head within `answer_within`
@@ -123,6 +131,19 @@ impl ReqBody {
     }
 }
 
+/// Whether a body error is broken framing (hyper reports it as invalid input or data)
+/// rather than a connection that ended early.
+fn is_malformed(e: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData);
+        }
+        cause = c.source();
+    }
+    false
+}
+
 impl Body for ReqBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -140,7 +161,10 @@ impl Body for ReqBody {
                         }
                     }
                     Poll::Ready(None) => progress.finish(),
-                    Poll::Ready(Some(Err(_))) => progress.client_failed.store(true, Ordering::Relaxed),
+                    Poll::Ready(Some(Err(e))) => {
+                        let fault = if is_malformed(e) { 2 } else { 1 };
+                        progress.client_failed.store(fault, Ordering::Relaxed);
+                    }
                     Poll::Pending => progress.waiting_on_client.store(true, Ordering::Relaxed),
                 }
                 polled

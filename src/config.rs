@@ -182,9 +182,14 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Largest request head accepted; larger ones get 431.
     pub max_header_size: u32,
+    /// Most header fields in a request head; more get 431.
+    pub max_headers: u32,
     /// A client connection with no bytes read or written, and no request waiting on an
-    /// upstream, for this long is closed; an upload that moves no byte for this long fails.
+    /// upstream, for this long is closed.
     pub idle_timeout: Duration,
+    /// An upload that moves no byte for this long is ended (408, or 504 when the
+    /// upstream stopped reading it).
+    pub body_timeout: Duration,
     /// TCP connect timeout to either upstream.
     pub upstream_connect_timeout: Duration,
     /// Time an upstream has to start its response once the request body has been sent.

@@ -52,6 +52,7 @@ impl ProxyError {
             }
             ProxyError::Upstream { .. } => (StatusCode::BAD_GATEWAY, "BadGateway"),
             ProxyError::Client(ClientFault::Stalled(_)) => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
+            ProxyError::Client(ClientFault::Malformed) => (StatusCode::BAD_REQUEST, "InvalidRequest"),
             // Nobody reads this answer; 499 is what the access log records (nginx's convention).
             ProxyError::Client(ClientFault::Closed) => (CLIENT_CLOSED, "ClientClosed"),
             ProxyError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),

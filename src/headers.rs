@@ -11,6 +11,46 @@ pub static X_MEDIAROUTE_UPSTREAM: HeaderName = HeaderName::from_static("x-mediar
 pub static X_MEDIAROUTE_REASON: HeaderName = HeaderName::from_static("x-mediaroute-reason");
 /// The standard forwarding header: appended to upstream requests, walked from trusted peers.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// The host the client asked for, as a proxy in front saw it.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// The scheme the client used, as the first proxy saw it.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Keeps the forwarding headers that describe the client only when a trusted proxy set
+/// them, and says which scheme the client used when nobody trusted did (an S3 proxy may
+/// build URLs or signatures from them; README "Forwarding").
+pub fn own_forwarding_headers(headers: &mut HeaderMap, trusted_peer: bool, scheme: &'static str) {
+    if !trusted_peer {
+        headers.remove(&X_FORWARDED_HOST);
+        headers.remove(&X_FORWARDED_PROTO);
+        headers.remove(header::FORWARDED);
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
+    }
+}
+
+/// Two `Content-Length` headers that disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("conflicting Content-Length headers")]
+pub struct ConflictingLengths;
+
+/// Folds repeated identical `Content-Length` headers into one; `Err` when they differ.
+pub fn fold_content_length(headers: &mut HeaderMap) -> Result<(), ConflictingLengths> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next().cloned() else { return Ok(()) };
+    let mut repeated = false;
+    for v in values {
+        if v != first {
+            return Err(ConflictingLengths);
+        }
+        repeated = true;
+    }
+    if repeated {
+        headers.insert(header::CONTENT_LENGTH, first);
+    }
+    Ok(())
+}
 
 /// Headers that describe one connection, never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -76,6 +116,35 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, vec!["if-none-match", "range"]);
+    }
+
+    #[test]
+    fn forwarding_headers_are_ours_unless_a_trusted_proxy_set_them() {
+        let claims = || {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+            h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+            h.insert("forwarded", HeaderValue::from_static("host=evil.example;proto=https"));
+            h
+        };
+        let mut h = claims();
+        own_forwarding_headers(&mut h, false, "http");
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        let mut h = claims();
+        own_forwarding_headers(&mut h, true, "http");
+        assert_eq!((h.len(), &h["x-forwarded-proto"]), (3, &HeaderValue::from_static("https")));
+    }
+
+    #[test]
+    fn repeated_content_lengths_fold_or_refuse() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        assert_eq!(fold_content_length(&mut h), Ok(()));
+        assert_eq!(h.get_all(header::CONTENT_LENGTH).iter().count(), 1);
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("4"));
+        assert_eq!(fold_content_length(&mut h), Err(ConflictingLengths));
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub struct Activity {
     busy: AtomicU32,
     /// The idle watchdog closed the connection.
     idle_closed: AtomicBool,
+    /// A request has arrived on the connection.
+    requested: AtomicBool,
 }
 
 impl Default for Activity {
@@ -35,6 +37,7 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             busy: AtomicU32::new(0),
             idle_closed: AtomicBool::new(false),
+            requested: AtomicBool::new(false),
         }
     }
 
@@ -69,6 +72,7 @@ impl Activity {
 
     /// Marks a request busy until the guard is dropped; the quiet time restarts then.
     pub fn busy(self: &Arc<Self>) -> Busy {
+        self.requested.store(true, Ordering::Relaxed);
         self.busy.fetch_add(1, Ordering::Relaxed);
         Busy(Arc::clone(self))
     }
@@ -95,6 +99,16 @@ pub async fn idle_for(activity: &Activity, idle: Duration) {
             return;
         }
         tokio::time::sleep(idle - quiet).await;
+    }
+}
+
+/// Resolves if no request has arrived within `limit` of the connection's opening: a
+/// connection that sends nothing, or too little to make a request head, is slowloris too
+/// (README "Limits and timeouts"). Never resolves once a request has arrived.
+pub async fn no_request_within(activity: &Activity, limit: Duration) {
+    tokio::time::sleep_until((activity.opened + limit).into()).await;
+    if activity.requested.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -18,7 +18,10 @@ use crate::body::{ClientFault, ReqBody, RespBody, drain_write};
 use crate::client;
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::headers::{X_MEDIAROUTE_REASON, X_MEDIAROUTE_UPSTREAM, append_forwarded_for, remove_hop_by_hop};
+use crate::headers::{
+    X_MEDIAROUTE_REASON, X_MEDIAROUTE_UPSTREAM, append_forwarded_for, fold_content_length, own_forwarding_headers,
+    remove_hop_by_hop,
+};
 use crate::idle::Activity;
 use crate::metrics::{FallbackCause, Metrics, ProbeResult};
 use crate::route::{self, Age, Reason, RequestFacts};
@@ -167,6 +170,10 @@ impl Proxy {
             }
         };
 
+        if fold_content_length(&mut parts.headers).is_err() {
+            // Two lengths for one body: which one frames it is exactly what smuggling exploits.
+            return Err(ProxyError::BadRequest("the request has conflicting Content-Length headers"));
+        }
         let read = parts.method == Method::GET || parts.method == Method::HEAD;
         let facts = RequestFacts {
             read,
@@ -367,7 +374,7 @@ fn failure_cause(e: &SendError) -> FallbackCause {
     match e {
         SendError::Connect(_) => FallbackCause::Connect,
         SendError::Timeout(_) | SendError::Stalled(_) => FallbackCause::Timeout,
-        SendError::Failed(_) => FallbackCause::Error,
+        SendError::Failed(_) | SendError::Protocol(_) => FallbackCause::Error,
     }
 }
 
@@ -385,7 +392,9 @@ fn outgoing<'a>(
     headers.remove(header::HOST);
     // hyper answers `100-continue` itself when the body is first read.
     headers.remove(header::EXPECT);
-    append_forwarded_for(&mut headers, peer.ip().to_canonical());
+    let peer = peer.ip().to_canonical();
+    append_forwarded_for(&mut headers, peer);
+    own_forwarding_headers(&mut headers, table.trusted_proxies.contains(peer), "http");
     if method == Method::GET || method == Method::HEAD {
         // GET/HEAD go out without a body so they can be retried on the primary.
         headers.remove(header::CONTENT_LENGTH);
@@ -432,6 +441,11 @@ fn to_client(resp: Response<Incoming>, upstream: Upstream, reason: Reason) -> Re
     let (mut parts, body) = resp.into_parts();
     // The upstream's HTTP version is its own; the client gets this server's.
     parts.version = http::Version::HTTP_11;
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        // The body was framed by its transfer coding; a Content-Length beside it is not
+        // the body's length (RFC 9112 section 6.3) and must not frame it again.
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     remove_hop_by_hop(&mut parts.headers);
     label(&mut parts.headers, upstream, Some(reason));
     Response::from_parts(parts, RespBody::upstream(body))

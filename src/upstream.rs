@@ -61,12 +61,15 @@ pub enum SendError {
     /// No response head within `limits.upstream_header_timeout` of the request's end.
     #[error("no response within {0:?} of the request's end")]
     Timeout(Duration),
-    /// The upstream took no request body bytes for `limits.idle_timeout`.
+    /// The upstream took no request body bytes for `limits.body_timeout`.
     #[error("took no request body bytes for {0:?}")]
     Stalled(Duration),
     /// The connection broke before a response head arrived.
     #[error("connection failed")]
     Failed(#[source] hyper_util::client::legacy::Error),
+    /// The upstream answered something HTTP does not allow here.
+    #[error("{0}")]
+    Protocol(&'static str),
 }
 
 /// A failed exchange, and which side it failed on (README "Errors"): only upstream
@@ -87,7 +90,7 @@ pub struct Upstreams {
     client: HttpClient,
     health: Arc<HealthBoard>,
     header_timeout: Duration,
-    idle_timeout: Duration,
+    body_timeout: Duration,
 }
 
 impl Upstreams {
@@ -98,7 +101,7 @@ impl Upstreams {
             client: build_client(cfg),
             health: Arc::new(HealthBoard::new(h.rise, h.fall, metrics)),
             header_timeout: cfg.limits.upstream_header_timeout,
-            idle_timeout: cfg.limits.idle_timeout,
+            body_timeout: cfg.limits.body_timeout,
         }
     }
 
@@ -116,7 +119,7 @@ impl Upstreams {
     /// Sends a request (its URI already absolute) and waits for the response head.
     ///
     /// The header timeout starts when the request body has been sent; while the body is
-    /// in progress only a lack of progress (`idle_timeout`) ends the exchange (README
+    /// in progress only a lack of progress (`body_timeout`) ends the exchange (README
     /// "Limits and timeouts"). Connect errors, broken connections, timeouts and 5xx
     /// answers count against the upstream's health here; failures on the client's side
     /// count neither way. Any other answer counts for it when its body has ended
@@ -129,10 +132,16 @@ impl Upstreams {
             None => tokio::time::timeout(self.header_timeout, exchange).await.map_err(|_| Overdue::NoAnswer),
             Some(p) => tokio::select! {
                 r = exchange => Ok(r),
-                o = p.overdue(self.idle_timeout, self.header_timeout) => Err(o),
+                o = p.overdue(self.body_timeout, self.header_timeout) => Err(o),
             },
         };
         match outcome {
+            Ok(Ok(resp)) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                // mediaroute never asks for an upgrade: a 101 is a broken upstream.
+                health.failure("answered 101 to a plain request");
+                Err(SendError::Protocol("answered 101 Switching Protocols to a request that asked for no upgrade")
+                    .into())
+            }
             Ok(Ok(resp)) => {
                 if resp.status().is_server_error() {
                     health.failure("answered 5xx");
@@ -141,8 +150,11 @@ impl Upstreams {
                 // which only the holder of the response sees.
                 Ok(resp)
             }
-            // The client's body broke off: hyper reports it as a failed exchange.
-            Ok(Err(_)) if progress.as_ref().is_some_and(|p| p.client_failed()) => Err(ClientFault::Closed.into()),
+            // The client's body broke off or was malformed: hyper reports it as a failed exchange.
+            Ok(Err(e)) if let Some(fault) = progress.as_ref().and_then(|p| p.client_fault()) => {
+                tracing::debug!(error = %error_chain(&e), "the client's request body failed");
+                Err(fault.into())
+            }
             Ok(Err(e)) if e.is_connect() => {
                 health.failure("connect error");
                 Err(SendError::Connect(e).into())
@@ -157,9 +169,9 @@ impl Upstreams {
             }
             Err(Overdue::Upstream) => {
                 health.failure("request body stalled");
-                Err(SendError::Stalled(self.idle_timeout).into())
+                Err(SendError::Stalled(self.body_timeout).into())
             }
-            Err(Overdue::Client) => Err(ClientFault::Stalled(self.idle_timeout).into()),
+            Err(Overdue::Client) => Err(ClientFault::Stalled(self.body_timeout).into()),
         }
     }
 

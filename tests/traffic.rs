@@ -118,7 +118,7 @@ async fn a_slow_upload_outlasts_the_header_timeout() {
 
 #[tokio::test]
 async fn an_upload_that_stops_is_the_clients_fault() {
-    let tail = "[limits]\nidle_timeout = \"500ms\"\n[health]\nfall = 1";
+    let tail = "[limits]\nbody_timeout = \"500ms\"\n[health]\nfall = 1";
     let s = Setup::with_config(|p, r| with_admin(&config_text(p, r, "delay = \"15m\"", tail))).await;
     let mut conn = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
     let head = format!("PUT {} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789", obj("stuck.mov"));
@@ -148,7 +148,7 @@ async fn an_upstream_that_stops_reading_an_upload_is_a_504() {
         }
     });
     let replica = status_server(200).await;
-    let tail = "[limits]\nidle_timeout = \"500ms\"";
+    let tail = "[limits]\nbody_timeout = \"500ms\"";
     let proxy = start_proxy(&config_text(deaf, replica.addr, "delay = \"15m\"", tail)).await;
     // Far more than the socket buffers hold, so the upload must stall at the upstream.
     let len = 256 * MB;

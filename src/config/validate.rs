@@ -65,6 +65,9 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 /// hyper needs at least this much buffer for a request head.
 const MIN_HEADER_SIZE: u32 = 8192;
 
+/// hyper parses headers into a buffer of this many slots per request.
+const MAX_HEADERS: u32 = 1000;
+
 type Span = std::ops::Range<usize>;
 
 /// Where settings that are checked against each other are written, if they are.
@@ -449,7 +452,14 @@ impl Validator<'_> {
         {
             self.err_at(v.span(), "limits.max_header_size", format!("{size} is too small: at least {MIN_HEADER_SIZE}"));
         }
+        let max_headers = self.positive(&raw.max_headers, "limits.max_headers", 100);
+        if let (Some(n), Some(v)) = (max_headers, &raw.max_headers)
+            && n > MAX_HEADERS
+        {
+            self.err_at(v.span(), "limits.max_headers", format!("{n} is too many: at most {MAX_HEADERS}"));
+        }
         let idle = self.duration(&raw.idle_timeout, "limits.idle_timeout", secs(75));
+        let body = self.duration(&raw.body_timeout, "limits.body_timeout", secs(180));
         let connect = self.duration(&raw.upstream_connect_timeout, "limits.upstream_connect_timeout", secs(3));
         let upstream_header = self.duration(&raw.upstream_header_timeout, "limits.upstream_header_timeout", secs(60));
         let probe = self.duration(&raw.age_probe_timeout, "limits.age_probe_timeout", secs(2));
@@ -458,6 +468,7 @@ impl Validator<'_> {
         for (d, key) in [
             (header_read, "limits.header_read_timeout"),
             (idle, "limits.idle_timeout"),
+            (body, "limits.body_timeout"),
             (connect, "limits.upstream_connect_timeout"),
             (upstream_header, "limits.upstream_header_timeout"),
             (probe, "limits.age_probe_timeout"),
@@ -470,7 +481,9 @@ impl Validator<'_> {
             max_connections: max_connections?,
             header_read_timeout: header_read?,
             max_header_size: header_size.filter(|s| *s >= MIN_HEADER_SIZE)?,
+            max_headers: max_headers.filter(|n| *n <= MAX_HEADERS)?,
             idle_timeout: idle?,
+            body_timeout: body?,
             upstream_connect_timeout: connect?,
             upstream_header_timeout: upstream_header?,
             age_probe_timeout: probe?,

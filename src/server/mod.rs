@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigErrors, Limits};
-use crate::idle::{IdleIo, idle_for};
+use crate::idle::{IdleIo, idle_for, no_request_within};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::table::{Reloaded, Tables};
@@ -141,7 +141,8 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, limits: Limits, m
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_size as usize);
+        .max_buf_size(limits.max_header_size as usize)
+        .max_headers(limits.max_headers as usize);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_size);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections as usize));
@@ -153,7 +154,7 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, limits: Limits, m
         };
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => serve(&builder, &graceful, stream, peer, &proxy, limits.idle_timeout, permit),
+                Ok((stream, peer)) => serve(&builder, &graceful, stream, peer, &proxy, &limits, permit),
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -176,9 +177,10 @@ fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     proxy: &Arc<Proxy>,
-    idle: Duration,
+    limits: &Limits,
     permit: OwnedSemaphorePermit,
 ) {
+    let (idle, first_request) = (limits.idle_timeout, limits.header_read_timeout);
     let _ = stream.set_nodelay(true);
     let proxy = Arc::clone(proxy);
     let io = IdleIo::new(stream);
@@ -203,6 +205,9 @@ fn serve(
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             },
             () = idle_for(&activity, idle) => tracing::debug!(%peer, "closed idle connection"),
+            () = no_request_within(&activity, first_request) => {
+                tracing::debug!(%peer, "closed a connection that sent no request in time");
+            }
         }
         drop(permit);
     });
