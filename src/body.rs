@@ -199,6 +199,8 @@ pub struct RespBody {
     waiting_on_upstream: bool,
     /// A write in progress, held until its answer has ended, and how long its answer may pause.
     writing: Option<(Writing, Duration)>,
+    /// The request's place among those in flight (`limits.max_requests`), freed at the end.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 #[derive(Debug)]
@@ -209,7 +211,7 @@ enum Inner {
 
 impl RespBody {
     fn new(inner: Inner) -> RespBody {
-        RespBody { inner, record: None, connection: None, waiting_on_upstream: false, writing: None }
+        RespBody { inner, record: None, connection: None, waiting_on_upstream: false, writing: None, _slot: None }
     }
 
     /// Streams an upstream body through.
@@ -230,6 +232,12 @@ impl RespBody {
     /// Watches the client connection this body is sent on (README "Health").
     pub fn on_connection(mut self, connection: Option<Arc<Activity>>) -> RespBody {
         self.connection = connection;
+        self
+    }
+
+    /// Holds the request's in-flight slot until this body has ended.
+    pub fn holding_slot(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> RespBody {
+        self._slot = Some(slot);
         self
     }
 

@@ -178,6 +178,14 @@ pub struct Replication {
 pub struct Limits {
     /// Most client connections open at once; further ones wait in the accept queue.
     pub max_connections: u32,
+    /// Most requests in flight at once, over all connections; more get 503.
+    pub max_requests: u32,
+    /// Most requests one HTTP/2 connection may have open at once.
+    pub max_streams_per_connection: u32,
+    /// Most connections open to each upstream; more requests wait for one.
+    pub max_upstream_connections: u32,
+    /// How long a request may wait for an upstream connection; then 503.
+    pub upstream_queue_timeout: Duration,
     /// Time a client has to send a complete request head (slowloris guard).
     pub header_read_timeout: Duration,
     /// Largest request head accepted; larger ones get 431.

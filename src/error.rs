@@ -5,7 +5,7 @@ use http::{Response, StatusCode};
 use crate::body::{ClientFault, RespBody};
 use crate::route::Refusal;
 use crate::table::Upstream;
-use crate::upstream::{ExchangeError, SendError};
+use crate::upstream::{ExchangeError, LocalFault, SendError};
 
 /// Why a request could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,9 @@ pub enum ProxyError {
     /// mediaroute itself failed (a task it depends on ended).
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// mediaroute reached one of its limits or the system's: try again shortly.
+    #[error(transparent)]
+    Local(LocalFault),
 }
 
 impl ProxyError {
@@ -39,6 +42,7 @@ impl ProxyError {
         match e {
             ExchangeError::Upstream(source) => ProxyError::Upstream { upstream, source },
             ExchangeError::Client(fault) => ProxyError::Client(fault),
+            ExchangeError::Local(fault) => ProxyError::Local(fault),
         }
     }
 
@@ -56,6 +60,8 @@ impl ProxyError {
             // Nobody reads this answer; 499 is what the access log records (nginx's convention).
             ProxyError::Client(ClientFault::Closed) => (CLIENT_CLOSED, "ClientClosed"),
             ProxyError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
+            // S3's own answer to "too much at once".
+            ProxyError::Local(_) => (StatusCode::SERVICE_UNAVAILABLE, "SlowDown"),
         }
     }
 
@@ -66,7 +72,11 @@ impl ProxyError {
             ProxyError::BadRequest(why) => (*why).to_string(),
             other => other.to_string(),
         };
-        xml_error(status, code, &message, resource)
+        let mut resp = xml_error(status, code, &message, resource);
+        if matches!(self, ProxyError::Local(_)) {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 

@@ -154,12 +154,33 @@ fn run(path: Option<&Path>) -> anyhow::Result<()> {
         let (hangups, mut stops) = signals::install().context("cannot install signal handlers")?;
         let cfg = with_config(path)?;
         init_logging(&cfg);
+        raise_file_limit();
         let running = server::start(cfg).await?;
         tokio::spawn(server::reload::on_hangups(hangups, Arc::clone(&running.proxy), notify_reload));
         notify(&[NotifyState::Ready]);
         stop(&mut stops, running).await;
         Ok(())
     })
+}
+
+/// Raises the soft limit of open files to the hard one: every download holds two
+/// descriptors, and the soft default (often 1024) is far below what the hard limit allows.
+fn raise_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(current), hard) = (limit.current, limit.maximum) else {
+        return;
+    };
+    // `None` for the hard limit means unlimited; the kernel still caps at fs.nr_open.
+    let target = hard.unwrap_or(1 << 20);
+    if target <= current {
+        tracing::info!(soft = current, "open file limit");
+        return;
+    }
+    match setrlimit(Resource::Nofile, rustix::process::Rlimit { current: Some(target), maximum: hard }) {
+        Ok(()) => tracing::info!(from = current, to = target, "open file limit raised to the hard limit"),
+        Err(e) => tracing::warn!(soft = current, error = %e, "cannot raise the open file limit"),
+    }
 }
 
 /// Waits for SIGTERM/SIGINT, then drains and stops the server.

@@ -115,6 +115,18 @@ pub struct Metrics {
     reloads: Family<Labels<1>, Counter>,
     generation: Gauge,
     upstream_up: Family<Labels<1>, Gauge>,
+    /// Per upstream (primary, replica): requests waiting for a connection, and those that gave up.
+    queue: [(Gauge, Counter); 2],
+}
+
+/// A request counted as waiting for an upstream connection until dropped.
+#[derive(Debug)]
+pub struct Waiting(Gauge);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Download durations span a 1 ms cache hit to a multi-minute movie.
@@ -192,6 +204,22 @@ impl Metrics {
         registry.register("config_reloads", "Configuration reloads by result", reloads.clone());
         registry.register("config_generation", "Generation of the routing table in use", generation.clone());
         registry.register("upstream_up", "1 when the upstream is considered up", upstream_up.clone());
+        let queue_waiting = Family::<Labels<1>, Gauge>::default();
+        let queue_timeouts = Family::<Labels<1>, Counter>::default();
+        registry.register(
+            "upstream_queue",
+            "Requests waiting for a connection to the upstream (limits.max_upstream_connections)",
+            queue_waiting.clone(),
+        );
+        registry.register(
+            "upstream_queue_timeouts",
+            "Requests that waited limits.upstream_queue_timeout for an upstream connection in vain",
+            queue_timeouts.clone(),
+        );
+        let queue = [Upstream::Primary, Upstream::Replica].map(|u| {
+            let label = [("upstream", u.as_str())];
+            (queue_waiting.get_or_create(&label).clone(), queue_timeouts.get_or_create(&label).clone())
+        });
         let per_upstream = UPSTREAM_NAMES.map(|u| {
             let bytes = response_bytes.get_or_create(&[("upstream", u)]).clone();
             // Refused requests reached no upstream: their duration is not an upstream's.
@@ -215,11 +243,13 @@ impl Metrics {
             reloads,
             generation,
             upstream_up,
+            queue,
         };
         for (u, reason) in KNOWN_ROUTES {
             for c in 0..CLASSES {
-                // Refused requests are answered 4xx by mediaroute itself, or the client left.
-                if u == 2 && reason.is_none() && c != 3 && c != CLIENT_CLOSED {
+                // Refused requests are answered 4xx (or 503, over a limit) by mediaroute itself,
+                // or the client left.
+                if u == 2 && reason.is_none() && c != 3 && c != 4 && c != CLIENT_CLOSED {
                     continue;
                 }
                 m.request_counter(u, reason, c);
@@ -290,6 +320,18 @@ impl Metrics {
     /// Records how long an object took to replicate.
     pub fn replication_lag(&self, took: Duration) {
         self.replication_lag.observe(took.as_secs_f64());
+    }
+
+    /// Counts a request waiting for a connection to `upstream` until the guard is dropped.
+    pub fn queue_waiting(&self, upstream: Upstream) -> Waiting {
+        let gauge = &self.queue[upstream as usize].0;
+        gauge.inc();
+        Waiting(gauge.clone())
+    }
+
+    /// Counts a request that gave up waiting for a connection to `upstream`.
+    pub fn queue_timeout(&self, upstream: Upstream) {
+        self.queue[upstream as usize].1.inc();
     }
 
     /// Counts a reload attempt and, when it worked, the new generation.
@@ -405,6 +447,8 @@ mod from_the_start {
             "mediaroute_config_reloads_total{result=\"ok\"} 0",
             "mediaroute_config_generation 0",
             "mediaroute_upstream_up{upstream=\"primary\"} 1",
+            "mediaroute_upstream_queue{upstream=\"replica\"} 0",
+            "mediaroute_upstream_queue_timeouts_total{upstream=\"primary\"} 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -11,6 +11,7 @@ use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::sync::Semaphore;
 
 use crate::access::AccessRecord;
 use crate::age::{AgeCache, ObjectKey, Probe, Writing, Written, parse_last_modified};
@@ -26,12 +27,14 @@ use crate::idle::Activity;
 use crate::metrics::{FallbackCause, Metrics, ProbeResult};
 use crate::route::{self, Age, Reason, RequestFacts};
 use crate::table::{RoutingTable, Tables, Upstream};
-use crate::upstream::{ExchangeError, SendError, Upstreams, error_chain};
+use crate::upstream::{ExchangeError, LocalFault, SendError, Upstreams, error_chain};
 
 /// Shared state of the proxy service.
 #[derive(Debug)]
 pub struct Proxy {
     tables: Arc<Tables>,
+    /// One permit per request in flight, held until its response body ends.
+    in_flight: Arc<Semaphore>,
     upstreams: Arc<Upstreams>,
     ages: Arc<AgeCache>,
     probe_timeout: Duration,
@@ -54,8 +57,9 @@ impl Proxy {
     /// Creates the service state.
     pub fn new(cfg: &Config, tables: Arc<Tables>, metrics: Arc<Metrics>) -> Proxy {
         Proxy {
+            upstreams: Arc::new(Upstreams::new(cfg, &metrics, Arc::clone(&tables))),
             tables,
-            upstreams: Arc::new(Upstreams::new(cfg, &metrics)),
+            in_flight: Arc::new(Semaphore::new(cfg.limits.max_requests as usize)),
             ages: Arc::new(AgeCache::new(cfg.limits.age_cache_entries)),
             probe_timeout: cfg.limits.age_probe_timeout,
             idle_timeout: cfg.limits.idle_timeout,
@@ -117,6 +121,13 @@ impl Proxy {
             metrics: Some(Arc::clone(&self.metrics)),
             health: Some(Arc::clone(self.upstreams.health_board())),
         });
+        // HTTP/2 multiplies requests per connection: they are limited on their own.
+        let Ok(request_slot) = Arc::clone(&self.in_flight).try_acquire_owned() else {
+            let e = ProxyError::Local(LocalFault::TooManyRequests);
+            tracing::warn!(error = %e, "request refused");
+            rec.status = e.status_and_code().0.as_u16();
+            return e.to_response(&rec.path).map(|b| b.with_record(rec));
+        };
         let resp = match self.forward(&table, &mut parts, body, peer, &mut rec).await {
             Ok(resp) => resp,
             Err(e) => {
@@ -140,6 +151,12 @@ impl Proxy {
                         }
                     }
                     ProxyError::Internal(_) => tracing::error!(error = %e, path = &*rec.path, "request failed"),
+                    ProxyError::Local(_) => {
+                        // Logged where it happened; the upstream did nothing wrong.
+                        if let Some(u) = rec.upstream {
+                            label(resp.headers_mut(), u, rec.reason);
+                        }
+                    }
                     ProxyError::Refused(_) | ProxyError::BadRequest(_) => {
                         tracing::debug!(error = %e, "request refused")
                     }
@@ -148,7 +165,7 @@ impl Proxy {
             }
         };
         rec.status = resp.status().as_u16();
-        resp.map(|b| b.on_connection(connection).with_record(rec))
+        resp.map(|b| b.on_connection(connection).holding_slot(request_slot).with_record(rec))
     }
 
     async fn forward(

@@ -76,6 +76,10 @@ pub(super) struct RawReplication {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {
     pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) max_requests: Option<Spanned<i64>>,
+    pub(super) max_streams_per_connection: Option<Spanned<i64>>,
+    pub(super) max_upstream_connections: Option<Spanned<i64>>,
+    pub(super) upstream_queue_timeout: Option<S>,
     pub(super) header_read_timeout: Option<S>,
     pub(super) max_header_size: Option<Spanned<i64>>,
     pub(super) max_headers: Option<Spanned<i64>>,

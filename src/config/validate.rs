@@ -445,6 +445,10 @@ impl Validator<'_> {
     fn limits(&mut self, raw: RawLimits) -> Option<Limits> {
         let secs = Duration::from_secs;
         let max_connections = self.positive(&raw.max_connections, "limits.max_connections", 10_000);
+        let max_requests = self.positive(&raw.max_requests, "limits.max_requests", 10_000);
+        let streams = self.positive(&raw.max_streams_per_connection, "limits.max_streams_per_connection", 100);
+        let upstream_conns = self.positive(&raw.max_upstream_connections, "limits.max_upstream_connections", 4096);
+        let queue = self.duration(&raw.upstream_queue_timeout, "limits.upstream_queue_timeout", secs(5));
         let header_read = self.duration(&raw.header_read_timeout, "limits.header_read_timeout", secs(30));
         let header_size = self.positive(&raw.max_header_size, "limits.max_header_size", 64 * 1024);
         if let (Some(size), Some(v)) = (header_size, &raw.max_header_size)
@@ -469,6 +473,7 @@ impl Validator<'_> {
             (header_read, "limits.header_read_timeout"),
             (idle, "limits.idle_timeout"),
             (body, "limits.body_timeout"),
+            (queue, "limits.upstream_queue_timeout"),
             (connect, "limits.upstream_connect_timeout"),
             (upstream_header, "limits.upstream_header_timeout"),
             (probe, "limits.age_probe_timeout"),
@@ -479,6 +484,10 @@ impl Validator<'_> {
         }
         Some(Limits {
             max_connections: max_connections?,
+            max_requests: max_requests?,
+            max_streams_per_connection: streams?,
+            max_upstream_connections: upstream_conns?,
+            upstream_queue_timeout: queue?,
             header_read_timeout: header_read?,
             max_header_size: header_size.filter(|s| *s >= MIN_HEADER_SIZE)?,
             max_headers: max_headers.filter(|n| *n <= MAX_HEADERS)?,

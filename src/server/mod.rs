@@ -143,7 +143,12 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, limits: Limits, m
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_size as usize)
         .max_headers(limits.max_headers as usize);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_size);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_size)
+        // One connection must not open more upstream requests than this (README "Limits and timeouts").
+        .max_concurrent_streams(limits.max_streams_per_connection);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections as usize));
     loop {

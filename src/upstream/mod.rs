@@ -1,4 +1,7 @@
-//! Pooled HTTP(S) clients for the two upstreams, and their health.
+//! Pooled HTTP(S) clients for the two upstreams, how an exchange is timed, and which side
+//! a failure is on.
+
+pub mod capped;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,15 +18,20 @@ use crate::config::Config;
 use crate::health::{Health, HealthBoard};
 use crate::metrics::Metrics;
 use crate::table::{Tables, Upstream};
+use capped::{Capped, Caps, QueueFull};
 
 /// Largest read buffer per upstream connection.
 const UPSTREAM_READ_BUF: usize = 64 * 1024;
 
-/// One keep-alive pool shared by both upstreams (connections are keyed by host).
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, ReqBody>;
+/// One keep-alive pool shared by both upstreams (connections are keyed by host), each
+/// upstream's connections capped.
+pub type HttpClient = Client<Capped<HttpsConnector<HttpConnector>>, ReqBody>;
 
-/// Builds the upstream client: keep-alive pool, `TCP_NODELAY`, connect timeout, HTTPS with system roots.
-pub fn build_client(cfg: &Config) -> HttpClient {
+/// The client of active health checks: uncapped, so that a full queue never fails a check.
+pub type CheckClient = Client<HttpsConnector<HttpConnector>, ReqBody>;
+
+/// TCP with `TCP_NODELAY` and the connect timeout, then HTTPS with the system roots.
+fn connector(cfg: &Config) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -40,7 +48,14 @@ pub fn build_client(cfg: &Config) -> HttpClient {
             )
         }
     };
-    let https = builder.https_or_http().enable_http1().wrap_connector(http);
+    builder.https_or_http().enable_http1().wrap_connector(http)
+}
+
+/// A keep-alive pool over `connector`, keeping at most `max_idle` idle connections per host.
+fn pool<C>(connector: C, max_idle: usize) -> Client<C, ReqBody>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+{
     Client::builder(TokioExecutor::new())
         // Caps one upstream read (hyper's default is ~408 KiB). Measured with 1,000 slow
         // downloads, caps from 64 KiB up give the same RSS and 1 GiB throughput; smaller caps
@@ -48,8 +63,42 @@ pub fn build_client(cfg: &Config) -> HttpClient {
         .http1_max_buf_size(UPSTREAM_READ_BUF)
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .build(https)
+        .pool_max_idle_per_host(max_idle)
+        .build(connector)
+}
+
+/// A failure on mediaroute's own side: neither the client's nor the upstream's doing, never
+/// a health failure (README "Limits and timeouts").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LocalFault {
+    /// No connection to the upstream became free in time.
+    #[error(transparent)]
+    QueueFull(#[from] QueueFull),
+    /// The system refused a resource (file descriptors, memory, ports): this errno.
+    #[error("out of local resources (os error {0})")]
+    Resources(i32),
+    /// `limits.max_requests` requests are already in flight.
+    #[error("too many requests in flight (limits.max_requests)")]
+    TooManyRequests,
+}
+
+/// Whether an exchange error is mediaroute running out of something, and what.
+fn local_fault(e: &(dyn std::error::Error + 'static)) -> Option<LocalFault> {
+    use rustix::io::Errno;
+    let local = [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM, Errno::ADDRNOTAVAIL];
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(q) = c.downcast_ref::<QueueFull>() {
+            return Some(LocalFault::QueueFull(*q));
+        }
+        if let Some(errno) = c.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error)
+            && local.iter().any(|l| l.raw_os_error() == errno)
+        {
+            return Some(LocalFault::Resources(errno));
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Why an upstream exchange produced no response head, on the upstream's side.
@@ -82,26 +131,35 @@ pub enum ExchangeError {
     /// The client failed: it went away or stopped sending its upload.
     #[error(transparent)]
     Client(#[from] ClientFault),
+    /// mediaroute ran out of something.
+    #[error(transparent)]
+    Local(#[from] LocalFault),
 }
 
 /// The upstream client plus health state, shared by all requests.
 #[derive(Debug)]
 pub struct Upstreams {
     client: HttpClient,
+    checks: CheckClient,
     health: Arc<HealthBoard>,
     header_timeout: Duration,
     body_timeout: Duration,
 }
 
 impl Upstreams {
-    /// Creates the shared client and health state.
-    pub fn new(cfg: &Config, metrics: &Arc<Metrics>) -> Upstreams {
+    /// Creates the shared clients and health state.
+    pub fn new(cfg: &Config, metrics: &Arc<Metrics>, tables: Arc<Tables>) -> Upstreams {
         let h = &cfg.health;
+        let l = &cfg.limits;
+        let caps =
+            Arc::new(Caps::new(l.max_upstream_connections, l.upstream_queue_timeout, tables, Arc::clone(metrics)));
+        let max_idle = 256.min(l.max_upstream_connections as usize);
         Upstreams {
-            client: build_client(cfg),
+            client: pool(Capped::new(connector(cfg), caps), max_idle),
+            checks: pool(connector(cfg), 2),
             health: Arc::new(HealthBoard::new(h.rise, h.fall, metrics)),
-            header_timeout: cfg.limits.upstream_header_timeout,
-            body_timeout: cfg.limits.body_timeout,
+            header_timeout: l.upstream_header_timeout,
+            body_timeout: l.body_timeout,
         }
     }
 
@@ -153,6 +211,10 @@ impl Upstreams {
             // The client's body broke off or was malformed: hyper reports it as a failed exchange.
             Ok(Err(e)) if let Some(fault) = progress.as_ref().and_then(|p| p.client_fault()) => {
                 tracing::debug!(error = %error_chain(&e), "the client's request body failed");
+                Err(fault.into())
+            }
+            Ok(Err(e)) if let Some(fault) = local_fault(&e) => {
+                tracing::warn!(upstream = which.as_str(), error = %error_chain(&e), "local limit reached");
                 Err(fault.into())
             }
             Ok(Err(e)) if e.is_connect() => {
@@ -230,7 +292,7 @@ pub async fn check_loop(upstreams: Arc<Upstreams>, tables: Arc<Tables>, health: 
                 *req.method_mut() = http::Method::HEAD;
                 *req.uri_mut() = uri;
                 let h = upstreams.health(which);
-                match tokio::time::timeout(health.timeout, upstreams.client.request(req)).await {
+                match tokio::time::timeout(health.timeout, upstreams.checks.request(req)).await {
                     Ok(Ok(resp)) if check_failed(resp.status()) => {
                         h.failure(&format!("check answered {}", resp.status().as_u16()));
                     }
