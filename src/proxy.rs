@@ -405,6 +405,11 @@ fn outgoing<'a>(
 ) -> Outgoing<'a> {
     let query = client::strip_identity(table, client_headers, uri.query());
     let mut headers = std::mem::take(client_headers);
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // Framed by its transfer coding: a Content-Length beside it must not frame the
+        // body again upstream (RFC 9112 section 6.3; the classic request smuggling).
+        headers.remove(header::CONTENT_LENGTH);
+    }
     remove_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     // hyper answers `100-continue` itself when the body is first read.

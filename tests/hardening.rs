@@ -215,3 +215,185 @@ async fn the_header_count_limit_is_a_setting() {
     let answer = raw_exchange(s.proxy.addr, &many_headers(&obj("a.mov"), 60), Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
 }
+
+/// An upstream that answers after `delay`, counting connections and the most requests it
+/// had at once.
+struct Counted {
+    addr: SocketAddr,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    most_at_once: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn counted_upstream(delay: Duration) -> Counted {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let most_at_once = Arc::new(AtomicUsize::new(0));
+    let now = Arc::new(AtomicUsize::new(0));
+    let (c, m) = (Arc::clone(&connections), Arc::clone(&most_at_once));
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let (m, now) = (Arc::clone(&m), Arc::clone(&now));
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let (m, now) = (Arc::clone(&m), Arc::clone(&now));
+                    async move {
+                        let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        m.fetch_max(at_once, Ordering::SeqCst);
+                        tokio::time::sleep(delay).await;
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        Ok::<_, std::convert::Infallible>(http::Response::new(full("ok")))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Counted { addr, connections, most_at_once, task }
+}
+
+/// `n` concurrent GETs as carol (the primary) over one cleartext HTTP/2 connection.
+async fn fan_out(proxy: SocketAddr, n: usize) -> Vec<reqwest::Response> {
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().no_proxy().build().unwrap();
+    let url = format!("http://{proxy}{}", obj("a.mov"));
+    let sends = (0..n).map(|_| h2.get(&url).header("x-forwarded-user", "carol").send());
+    futures_util::future::join_all(sends).await.into_iter().map(|r| r.expect("an answer")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_http2_connection_cannot_fan_out_past_its_stream_limit() {
+    use std::sync::atomic::Ordering;
+    let primary = counted_upstream(Duration::from_millis(300)).await;
+    let proxy = start_proxy(&config_text(primary.addr, primary.addr, "delay = \"0s\"", "")).await;
+    let answers = fan_out(proxy.addr, 300).await;
+    assert!(answers.iter().all(|r| r.status() == 200));
+    let most = primary.most_at_once.load(Ordering::SeqCst);
+    assert!(most <= 100, "one connection had {most} requests upstream at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_an_upstream_are_capped_and_the_wait_is_counted() {
+    use std::sync::atomic::Ordering;
+    let primary = counted_upstream(Duration::from_millis(100)).await;
+    let tail = "[limits]\nmax_upstream_connections = 8\nupstream_queue_timeout = \"20s\"";
+    let proxy = start_proxy(&with_admin(&config_text(primary.addr, primary.addr, "delay = \"0s\"", tail))).await;
+    let admin = proxy.admin_addr.unwrap();
+    let load = tokio::spawn(fan_out(proxy.addr, 200));
+    let mut most_waiting = 0.0f64;
+    while !load.is_finished() {
+        let (_, m) = admin_get(admin, "/metrics").await;
+        most_waiting = most_waiting.max(metric(&m, "mediaroute_upstream_queue{upstream=\"primary\"}"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answers = load.await.unwrap();
+    assert!(answers.iter().all(|r| r.status() == 200), "everyone is served in turn");
+    let opened = primary.connections.load(Ordering::SeqCst);
+    assert!(opened <= 8, "{opened} connections opened to the primary");
+    assert!(most_waiting > 0.0, "the waiting requests were counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_upstream_queue_is_a_503_not_an_upstream_failure() {
+    let primary = counted_upstream(Duration::from_secs(1)).await;
+    let tail = "[limits]\nmax_upstream_connections = 1\nupstream_queue_timeout = \"200ms\"\n[health]\nfall = 1";
+    let proxy = start_proxy(&with_admin(&config_text(primary.addr, primary.addr, "delay = \"0s\"", tail))).await;
+    let answers = fan_out(proxy.addr, 4).await;
+    let busy: Vec<_> = answers.iter().filter(|r| r.status() == 503).collect();
+    assert_eq!(busy.len(), 3, "one served, three refused");
+    assert!(busy.iter().all(|r| r.headers()["retry-after"] == "1"));
+    let (_, m) = admin_get(proxy.admin_addr.unwrap(), "/metrics").await;
+    assert_eq!(metric(&m, "mediaroute_upstream_queue_timeouts_total{upstream=\"primary\"}"), 3.0, "{m}");
+    assert_eq!(
+        metric(&m, "mediaroute_upstream_up{upstream=\"primary\"}"),
+        1.0,
+        "a local limit is not the upstream's fault"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_limited_across_connections() {
+    let primary = counted_upstream(Duration::from_millis(500)).await;
+    let tail = "[limits]\nmax_requests = 5";
+    let proxy = start_proxy(&config_text(primary.addr, primary.addr, "delay = \"0s\"", tail)).await;
+    let answers = fan_out(proxy.addr, 20).await;
+    let ok = answers.iter().filter(|r| r.status() == 200).count();
+    let busy = answers.iter().filter(|r| r.status() == 503).count();
+    assert_eq!((ok, busy), (5, 15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_is_not_an_upstream_failure() {
+    let primary = counted_upstream(Duration::from_millis(500)).await;
+    let tail = "[health]\nfall = 1";
+    let text = with_admin(&config_text(primary.addr, primary.addr, "delay = \"0s\"", tail));
+    // Few descriptors, soft and hard: the proxy cannot raise them.
+    let proxy = ProxyProcess::spawn_under(&text, &[], &["prlimit", "--nofile=40:40", "--"]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", proxy.child.id())).unwrap();
+    assert!(limits.lines().any(|l| l.starts_with("Max open files") && l.contains(" 40 ")), "{limits}");
+    // More concurrent downloads than descriptors: each needs one for the client and one upstream.
+    let url = format!("http://{}{}", proxy.addr, obj("a.mov"));
+    let gets = (0..40).map(|_| {
+        let url = url.clone();
+        async move {
+            let c = client();
+            match c.get(&url).header("x-forwarded-user", "carol").timeout(Duration::from_secs(20)).send().await {
+                Ok(r) => r.status().as_u16(),
+                Err(_) => 0,
+            }
+        }
+    });
+    let statuses = futures_util::future::join_all(gets).await;
+    assert!(statuses.contains(&503), "the descriptors ran out: {statuses:?}");
+    assert!(statuses.iter().all(|s| [200, 503].contains(s)), "{statuses:?}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_, m) = admin_get(proxy.admin.unwrap(), "/metrics").await;
+    assert_eq!(metric(&m, "mediaroute_upstream_up{upstream=\"primary\"}"), 1.0, "{m}");
+    assert!(proxy.log_lines("upstream marked down").is_empty());
+    assert!(!proxy.log_lines("local limit reached").is_empty());
+}
+
+#[test]
+fn the_soft_file_limit_is_raised_to_the_hard_one() {
+    let closed: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let proxy = ProxyProcess::spawn_under(
+        &config_text(closed, closed, "delay = \"15m\"", ""),
+        &[],
+        &["prlimit", "--nofile=64:4096", "--"],
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", proxy.child.id())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let numbers: Vec<&str> = line.split_whitespace().filter(|w| w.parse::<u64>().is_ok()).collect();
+    assert_eq!(numbers, vec!["4096", "4096"], "{line}");
+}
+
+#[tokio::test]
+async fn a_request_with_both_framings_is_framed_by_its_transfer_coding_only() {
+    let primary = echo_server().await;
+    let replica = echo_server().await;
+    let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"0s\"", "")).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        format!(
+            "PUT {} HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            obj("a.mov")
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(!answer.contains("content-length: 40"), "{answer}");
+    assert!(answer.contains("body-bytes: 3"), "{answer}");
+}

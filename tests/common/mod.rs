@@ -310,11 +310,24 @@ impl ProxyProcess {
 
     /// Like `spawn`, with extra environment variables.
     pub fn spawn_with_env(config: &str, env: &[(&str, &std::ffi::OsStr)]) -> ProxyProcess {
+        ProxyProcess::spawn_under(config, env, &[])
+    }
+
+    /// Like `spawn_with_env`, started through `prefix` (e.g. `prlimit --nofile=64:64 --`).
+    pub fn spawn_under(config: &str, env: &[(&str, &std::ffi::OsStr)], prefix: &[&str]) -> ProxyProcess {
         use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mediaroute.toml");
         std::fs::write(&path, config).unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mediaroute"))
+        let mut command = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = std::process::Command::new(program);
+                c.args(args).arg(env!("CARGO_BIN_EXE_mediaroute"));
+                c
+            }
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_mediaroute")),
+        };
+        let mut child = command
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
