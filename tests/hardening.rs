@@ -397,3 +397,41 @@ async fn a_request_with_both_framings_is_framed_by_its_transfer_coding_only() {
     assert!(!answer.contains("content-length: 40"), "{answer}");
     assert!(answer.contains("body-bytes: 3"), "{answer}");
 }
+
+#[tokio::test]
+async fn request_smuggling_and_downgrade_attempts_still_fail() {
+    let primary = echo_server().await;
+    let replica = echo_server().await;
+    let proxy = start_proxy(&config_text(primary.addr, replica.addr, "delay = \"0s\"", "")).await;
+    let path = obj("a.mov");
+    let addr = proxy.addr;
+    let exchange = |req: String| async move { raw_exchange(addr, req.as_bytes(), Duration::from_secs(5)).await };
+    // obs-fold header continuation lines.
+    let a = exchange(format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\nConnection: close\r\n\r\n")).await;
+    assert!(a.starts_with("HTTP/1.1 400"), "{a}");
+    // Two different lengths for one body.
+    let a = exchange(format!(
+        "PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabcd"
+    ))
+    .await;
+    assert!(a.starts_with("HTTP/1.1 400"), "{a}");
+    // A cleartext HTTP/2 upgrade is not taken, nor passed on.
+    let a = exchange(format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+    ))
+    .await;
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    assert!(!a.to_ascii_lowercase().contains("upgrade"), "{a}");
+    // Pipelined requests are answered in order, each on its own.
+    let a = exchange(format!(
+        "GET {path}?n=1 HTTP/1.1\r\nHost: x\r\n\r\nGET {path}?n=2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    let (first, second) = (a.find("?n=1").unwrap(), a.find("?n=2").unwrap());
+    assert!(first < second && a.matches("HTTP/1.1 200").count() == 2, "{a}");
+    assert_eq!(
+        primary.hits.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "only the valid requests reached the primary"
+    );
+}
