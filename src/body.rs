@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -139,6 +139,10 @@ fn is_malformed(e: &hyper::Error) -> bool {
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
             return matches!(io.kind(), std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData);
         }
+        // HTTP/2: a body that does not fit its content-length is a protocol error.
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::PROTOCOL_ERROR);
+        }
         cause = c.source();
     }
     false
@@ -188,6 +192,49 @@ impl Body for ReqBody {
     }
 }
 
+/// Why a response body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Reading the upstream's body failed.
+    #[error(transparent)]
+    Upstream(#[from] hyper::Error),
+    /// The stream moved no byte for this long, so its upstream request was ended.
+    #[error("the stream moved no byte for {0:?}; its upstream request was ended")]
+    Stalled(Duration),
+}
+
+/// An HTTP/2 stream's upstream body, which its watchdog may cut (see [`RespBody::watch_stream`]).
+#[derive(Debug)]
+struct Watched {
+    body: Mutex<Option<Incoming>>,
+    moved: Activity,
+    ended: Notify,
+    cut: AtomicBool,
+    limit: Duration,
+}
+
+impl Watched {
+    fn body(&self) -> std::sync::MutexGuard<'_, Option<Incoming>> {
+        // Nothing can be left half-done under this lock.
+        self.body.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Ends a stream's upstream request once the stream has moved no byte for its limit: a
+/// client that gives a stream no flow-control window (while keeping its connection busy
+/// with other frames) must not hold an upstream connection for ever (README "Limits and
+/// timeouts").
+async fn watch_stream(w: Arc<Watched>) {
+    tokio::select! {
+        () = crate::idle::idle_for(&w.moved, w.limit) => {
+            w.cut.store(true, Ordering::Relaxed);
+            let upstream = w.body().take();
+            drop(upstream);
+        }
+        () = w.ended.notified() => {}
+    }
+}
+
 /// A response body sent to the client, counting bytes for the access log.
 #[derive(Debug)]
 pub struct RespBody {
@@ -206,6 +253,7 @@ pub struct RespBody {
 #[derive(Debug)]
 enum Inner {
     Upstream(Incoming),
+    Watched(Arc<Watched>),
     Full(Full<Bytes>),
 }
 
@@ -235,6 +283,25 @@ impl RespBody {
         self
     }
 
+    /// Gives an upstream body sent on an HTTP/2 stream a watchdog of its own: if the stream
+    /// moves no byte for `limit`, the upstream request is ended and the stream fails.
+    pub fn watch_stream(mut self, limit: Duration) -> RespBody {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return self };
+        let Inner::Upstream(body) = std::mem::replace(&mut self.inner, Inner::Full(Full::default())) else {
+            return self;
+        };
+        let watched = Arc::new(Watched {
+            body: Mutex::new(Some(body)),
+            moved: Activity::new(),
+            ended: Notify::new(),
+            cut: AtomicBool::new(false),
+            limit,
+        });
+        runtime.spawn(watch_stream(Arc::clone(&watched)));
+        self.inner = Inner::Watched(watched);
+        self
+    }
+
     /// Holds the request's in-flight slot until this body has ended.
     pub fn holding_slot(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> RespBody {
         self._slot = Some(slot);
@@ -261,7 +328,20 @@ impl RespBody {
     fn inner_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Watched(w) => w.body().as_ref().is_some_and(Incoming::is_end_stream),
             Inner::Full(b) => b.is_end_stream(),
+        }
+    }
+
+    /// Takes the upstream body out, if it is still here.
+    fn take_upstream(&mut self) -> Option<Incoming> {
+        match std::mem::replace(&mut self.inner, Inner::Full(Full::default())) {
+            Inner::Upstream(b) => Some(b),
+            Inner::Watched(w) => {
+                w.ended.notify_one();
+                w.body().take()
+            }
+            Inner::Full(_) => None,
         }
     }
 }
@@ -269,19 +349,21 @@ impl RespBody {
 impl Drop for RespBody {
     fn drop(&mut self) {
         let ended = self.inner_end_stream();
+        let watchdog_cut = matches!(&self.inner, Inner::Watched(w) if w.cut.load(Ordering::Relaxed));
         if let Some(rec) = self.record.as_deref_mut()
             && !rec.complete
             && !ended
             && self.waiting_on_upstream
-            && self.connection.as_ref().is_some_and(|c| c.closed_for_idleness())
+            && (watchdog_cut || self.connection.as_ref().is_some_and(|c| c.closed_for_idleness()))
         {
             // Nothing moved for the idle time while the body waited on its upstream.
             rec.upstream_error = true;
             rec.upstream_stalled = true;
         }
+        let upstream = self.take_upstream();
         if let Some((writing, idle)) = self.writing.take()
             && !ended
-            && let Inner::Upstream(body) = std::mem::replace(&mut self.inner, Inner::Full(Full::default()))
+            && let Some(body) = upstream
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             runtime.spawn(drain_write(body, idle, writing));
@@ -306,15 +388,34 @@ pub async fn drain_write(mut body: Incoming, idle: Duration, writing: Writing) {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = match &mut this.inner {
             Inner::Upstream(b) => {
                 let polled = Pin::new(b).poll_frame(cx);
                 this.waiting_on_upstream = polled.is_pending();
-                polled
+                polled.map(|f| f.map(|r| r.map_err(BodyError::Upstream)))
+            }
+            Inner::Watched(w) => {
+                let w = Arc::clone(w);
+                let mut body = w.body();
+                match body.as_mut() {
+                    Some(b) => {
+                        let polled = Pin::new(&mut *b).poll_frame(cx);
+                        this.waiting_on_upstream = polled.is_pending();
+                        match &polled {
+                            Poll::Ready(Some(Ok(_))) if b.is_end_stream() => w.ended.notify_one(),
+                            Poll::Ready(Some(Ok(_))) => w.moved.touch(),
+                            Poll::Ready(_) => w.ended.notify_one(),
+                            Poll::Pending => {}
+                        }
+                        polled.map(|f| f.map(|r| r.map_err(BodyError::Upstream)))
+                    }
+                    // Cut by its watchdog: the download must not look complete.
+                    None => Poll::Ready(Some(Err(BodyError::Stalled(w.limit)))),
+                }
             }
             Inner::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
         };
@@ -343,6 +444,7 @@ impl Body for RespBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Upstream(b) => b.size_hint(),
+            Inner::Watched(w) => w.body().as_ref().map_or_else(SizeHint::default, Incoming::size_hint),
             Inner::Full(b) => b.size_hint(),
         }
     }

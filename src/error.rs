@@ -16,6 +16,12 @@ pub enum ProxyError {
     /// The request cannot be expressed as an upstream request.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// More header fields than `limits.max_headers`.
+    #[error("too many header fields (limits.max_headers)")]
+    TooManyHeaders,
+    /// The request uses something mediaroute does not pass on.
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     /// The upstream gave no response head.
     #[error("{} {source}", upstream.as_str())]
     Upstream {
@@ -51,6 +57,8 @@ impl ProxyError {
         match self {
             ProxyError::Refused(Refusal::ForeignBucket) => (StatusCode::FORBIDDEN, "AccessDenied"),
             ProxyError::Refused(_) | ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "InvalidRequest"),
+            ProxyError::TooManyHeaders => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "RequestHeaderSectionTooLarge"),
+            ProxyError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "NotImplemented"),
             ProxyError::Upstream { source: SendError::Timeout(_) | SendError::Stalled(_), .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout")
             }

@@ -24,7 +24,11 @@ pub fn own_forwarding_headers(headers: &mut HeaderMap, trusted_peer: bool, schem
         headers.remove(&X_FORWARDED_HOST);
         headers.remove(&X_FORWARDED_PROTO);
         headers.remove(header::FORWARDED);
+        headers.remove(HeaderName::from_static("x-real-ip"));
     }
+    // Path overrides some servers honour over the request line: a way out of the bucket.
+    headers.remove(HeaderName::from_static("x-original-url"));
+    headers.remove(HeaderName::from_static("x-rewrite-url"));
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
     }
@@ -125,6 +129,7 @@ mod tests {
             h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
             h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
             h.insert("forwarded", HeaderValue::from_static("host=evil.example;proto=https"));
+            h.insert("x-real-ip", HeaderValue::from_static("10.20.0.1"));
             h
         };
         let mut h = claims();
@@ -133,7 +138,11 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         let mut h = claims();
         own_forwarding_headers(&mut h, true, "http");
-        assert_eq!((h.len(), &h["x-forwarded-proto"]), (3, &HeaderValue::from_static("https")));
+        assert_eq!((h.len(), &h["x-forwarded-proto"]), (4, &HeaderValue::from_static("https")));
+        let mut h = HeaderMap::new();
+        h.insert("x-original-url", HeaderValue::from_static("/other/x"));
+        own_forwarding_headers(&mut h, true, "http");
+        assert!(h.get("x-original-url").is_none(), "never, whoever sent it");
     }
 
     #[test]

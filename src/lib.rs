@@ -25,4 +25,5 @@ pub mod route;
 pub mod server;
 pub mod signals;
 pub mod table;
+pub mod throttle;
 pub mod upstream;

@@ -35,6 +35,8 @@ pub struct Proxy {
     tables: Arc<Tables>,
     /// One permit per request in flight, held until its response body ends.
     in_flight: Arc<Semaphore>,
+    /// Most header fields in a request (hyper counts them for HTTP/1.1 only).
+    max_headers: usize,
     upstreams: Arc<Upstreams>,
     ages: Arc<AgeCache>,
     probe_timeout: Duration,
@@ -60,6 +62,7 @@ impl Proxy {
             upstreams: Arc::new(Upstreams::new(cfg, &metrics, Arc::clone(&tables))),
             tables,
             in_flight: Arc::new(Semaphore::new(cfg.limits.max_requests as usize)),
+            max_headers: cfg.limits.max_headers as usize,
             ages: Arc::new(AgeCache::new(cfg.limits.age_cache_entries)),
             probe_timeout: cfg.limits.age_probe_timeout,
             idle_timeout: cfg.limits.idle_timeout,
@@ -103,6 +106,7 @@ impl Proxy {
         let table = self.tables.current();
         let (mut parts, body) = req.into_parts();
         let connection = parts.extensions.remove::<Arc<Activity>>();
+        let stream = parts.version == http::Version::HTTP_2;
         // Dropped with the request if the client goes away first: then it logs a 499.
         let mut rec = Box::new(AccessRecord {
             start: Instant::now(),
@@ -119,17 +123,27 @@ impl Proxy {
             upstream_stalled: false,
             client_closed: false,
             metrics: Some(Arc::clone(&self.metrics)),
-            health: Some(Arc::clone(self.upstreams.health_board())),
+            health: None,
         });
         // HTTP/2 multiplies requests per connection: they are limited on their own.
         let Ok(request_slot) = Arc::clone(&self.in_flight).try_acquire_owned() else {
             let e = ProxyError::Local(LocalFault::TooManyRequests);
-            tracing::warn!(error = %e, "request refused");
+            static REFUSED: crate::throttle::Every = crate::throttle::Every::new(Duration::from_secs(10));
+            if let Some(held) = REFUSED.allow() {
+                tracing::warn!(error = %e, also_refused_since_last_warning = held, "request refused");
+            }
             rec.status = e.status_and_code().0.as_u16();
             return e.to_response(&rec.path).map(|b| b.with_record(rec));
         };
-        let resp = match self.forward(&table, &mut parts, body, peer, &mut rec).await {
-            Ok(resp) => resp,
+        let mut slot = Some(request_slot);
+        let resp = match self.forward(&table, &mut parts, body, peer, &mut rec, &mut slot).await {
+            Ok(resp) => {
+                // An upstream's answer: how its body ends tells that upstream's health.
+                rec.health = Some(Arc::clone(self.upstreams.health_board()));
+                // HTTP/2 streams share a connection: one that stalls is not the connection's
+                // idleness, so each gets a watchdog of its own.
+                if stream { resp.map(|b| b.watch_stream(self.idle_timeout)) } else { resp }
+            }
             Err(e) => {
                 let mut resp = e.to_response(&rec.path);
                 match &e {
@@ -152,12 +166,14 @@ impl Proxy {
                     }
                     ProxyError::Internal(_) => tracing::error!(error = %e, path = &*rec.path, "request failed"),
                     ProxyError::Local(_) => {
-                        // Logged where it happened; the upstream did nothing wrong.
-                        if let Some(u) = rec.upstream {
-                            label(resp.headers_mut(), u, rec.reason);
-                        }
+                        // Logged where it happened. The request reached no upstream: it is
+                        // counted against none of them.
+                        rec.upstream = None;
                     }
-                    ProxyError::Refused(_) | ProxyError::BadRequest(_) => {
+                    ProxyError::Refused(_)
+                    | ProxyError::BadRequest(_)
+                    | ProxyError::TooManyHeaders
+                    | ProxyError::NotImplemented(_) => {
                         tracing::debug!(error = %e, "request refused")
                     }
                 }
@@ -165,7 +181,13 @@ impl Proxy {
             }
         };
         rec.status = resp.status().as_u16();
-        resp.map(|b| b.on_connection(connection).holding_slot(request_slot).with_record(rec))
+        let resp = resp.map(|b| b.on_connection(connection));
+        // A write's task holds its slot until the primary has answered, client or not.
+        let resp = match slot {
+            Some(slot) => resp.map(|b| b.holding_slot(slot)),
+            None => resp,
+        };
+        resp.map(|b| b.with_record(rec))
     }
 
     async fn forward(
@@ -175,7 +197,9 @@ impl Proxy {
         body: Incoming,
         peer: SocketAddr,
         rec: &mut AccessRecord,
+        slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<Response<RespBody>, ProxyError> {
+        check_head(parts, self.max_headers)?;
         let query = parts.uri.query();
         let ctx = client::context(table, peer.ip(), &parts.headers, query);
         rec.client = ctx.ip;
@@ -219,6 +243,10 @@ impl Proxy {
                             status = resp.status().as_u16(),
                             "replica missed; falling back"
                         );
+                        if cause.is_miss() {
+                            // A well-formed "not here" is a healthy replica.
+                            self.upstreams.health(Upstream::Replica).success();
+                        }
                         drain_small(resp).await;
                         cause
                     }
@@ -249,7 +277,7 @@ impl Proxy {
         } else {
             None
         };
-        self.write(req, reason, written.map(|w| self.ages.begin_write(w))).await
+        self.write(req, reason, written.map(|w| self.ages.begin_write(w)), slot.take()).await
     }
 
     /// Sends a write to the primary. The exchange runs in a task of its own, and the
@@ -260,15 +288,18 @@ impl Proxy {
         req: Request<ReqBody>,
         reason: Reason,
         writing: Option<Writing>,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<Response<RespBody>, ProxyError> {
         let upstreams = Arc::clone(&self.upstreams);
         let idle = self.idle_timeout;
         let path = Box::<str>::from(req.uri().path());
         let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
+            // The task counts among the requests in flight until it ends (limits.max_requests).
+            let slot = slot;
             match upstreams.send(Upstream::Primary, req).await {
                 Ok(resp) => {
-                    if let Err(Ok((resp, writing))) = answer_tx.send(Ok((resp, writing))) {
+                    if let Err(Ok((resp, writing, _slot))) = answer_tx.send(Ok((resp, writing, slot))) {
                         tracing::debug!(
                             path = &*path,
                             status = resp.status().as_u16(),
@@ -288,12 +319,15 @@ impl Proxy {
             }
         });
         match answer_rx.await {
-            Ok(Ok((resp, writing))) => {
-                let resp = to_client(resp, Upstream::Primary, reason);
-                Ok(match writing {
-                    Some(w) => resp.map(|b| b.holding(w, idle)),
-                    None => resp,
-                })
+            Ok(Ok((resp, writing, slot))) => {
+                let mut resp = to_client(resp, Upstream::Primary, reason);
+                if let Some(w) = writing {
+                    resp = resp.map(|b| b.holding(w, idle));
+                }
+                if let Some(s) = slot {
+                    resp = resp.map(|b| b.holding_slot(s));
+                }
+                Ok(resp)
             }
             Ok(Err(e)) => Err(ProxyError::exchange(Upstream::Primary, e)),
             Err(_) => Err(ProxyError::Internal("the write task ended unexpectedly")),
@@ -358,6 +392,22 @@ impl Proxy {
             })
             .await
     }
+}
+
+/// Checks what hyper leaves to us in a request head: the field count over HTTP/2, `Host`
+/// in HTTP/1.1 (RFC 9112 section 3.2), and transfer codings other than chunked, which
+/// mediaroute cannot pass on (RFC 9112 section 6.1).
+fn check_head(parts: &Parts, max_headers: usize) -> Result<(), ProxyError> {
+    if parts.headers.len() > max_headers {
+        return Err(ProxyError::TooManyHeaders);
+    }
+    if parts.version == http::Version::HTTP_11 && !parts.headers.contains_key(header::HOST) {
+        return Err(ProxyError::BadRequest("an HTTP/1.1 request needs a Host header"));
+    }
+    if crate::upstream::has_other_coding(&parts.headers) {
+        return Err(ProxyError::NotImplemented("transfer codings other than chunked"));
+    }
+    Ok(())
 }
 
 /// Whether a query is S3's multi-object delete (`POST /bucket?delete`).
@@ -463,9 +513,13 @@ fn to_client(resp: Response<Incoming>, upstream: Upstream, reason: Reason) -> Re
     let (mut parts, body) = resp.into_parts();
     // The upstream's HTTP version is its own; the client gets this server's.
     parts.version = http::Version::HTTP_11;
-    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
-        // The body was framed by its transfer coding; a Content-Length beside it is not
-        // the body's length (RFC 9112 section 6.3) and must not frame it again.
+    let listed = |v: &HeaderValue| !v.as_bytes().iter().all(u8::is_ascii_digit);
+    if parts.headers.contains_key(header::TRANSFER_ENCODING)
+        || parts.headers.get_all(header::CONTENT_LENGTH).iter().any(listed)
+    {
+        // The body was framed by its transfer coding, or its length was written as a list
+        // (`5, 5`): that header must not frame the body again towards the client, which
+        // gets the length hyper read, if any (RFC 9112 section 6.3).
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     remove_hop_by_hop(&mut parts.headers);

@@ -475,3 +475,128 @@ async fn request_smuggling_and_downgrade_attempts_still_fail() {
         "only the valid requests reached the primary"
     );
 }
+
+#[tokio::test]
+async fn an_http2_request_with_too_many_header_fields_is_a_431() {
+    let primary = echo_server().await;
+    let proxy = start_proxy(&config_text(primary.addr, primary.addr, "delay = \"0s\"", "")).await;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().no_proxy().build().unwrap();
+    let mut req = h2.get(format!("http://{}{}", proxy.addr, obj("a.mov")));
+    for i in 0..150 {
+        req = req.header(format!("x-extra-{i}"), "1");
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 431);
+    assert_eq!(primary.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_starved_of_window_gives_its_upstream_connection_back() {
+    // One upstream connection in all. A client opens a stream, grants it no flow-control
+    // window, and keeps its connection busy with pings: after the idle timeout the stream's
+    // upstream request is ended and the connection serves others.
+    // A large body: the upstream connection stays busy until the body has been read.
+    let primary = serve_fn(loopback0(), |_req| async {
+        let len = 16 * 1024 * 1024;
+        let mut resp = http::Response::new(pattern_body(len, std::sync::Arc::default()));
+        resp.headers_mut().insert("content-length", len.to_string().parse().unwrap());
+        resp
+    })
+    .await;
+    let tail = "[limits]\nmax_upstream_connections = 1\nupstream_queue_timeout = \"4s\"\nidle_timeout = \"500ms\"";
+    let proxy = start_proxy(&config_text(primary.addr, primary.addr, "delay = \"0s\"", tail)).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h2, mut conn) =
+        h2::client::Builder::new().initial_window_size(0).handshake::<_, bytes::Bytes>(tcp).await.unwrap();
+    let mut pings = conn.ping_pong().unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let pinger = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if pings.ping(h2::Ping::opaque()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let req = http::Request::get(format!("http://{}{}", proxy.addr, obj("a.mov")))
+        .header("x-forwarded-user", "carol")
+        .body(())
+        .unwrap();
+    let (starved, _) = h2.send_request(req, true).unwrap();
+    let head = starved.await.unwrap();
+    assert_eq!(head.status(), 200);
+    // Another client needs the only upstream connection.
+    let started = Instant::now();
+    let other = client().get(format!("http://{}{}", proxy.addr, obj("b.mov"))).send().await.unwrap();
+    assert_eq!(other.status(), 200, "served once the starved stream let go");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(3), "{waited:?}");
+    assert_eq!(other.bytes().await.unwrap().len(), 16 * 1024 * 1024);
+    pinger.abort();
+    driver.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_whose_client_left_still_count_among_requests_in_flight() {
+    let primary = counted_upstream(Duration::from_millis(1500)).await;
+    let tail = "[limits]\nmax_requests = 3";
+    let proxy = start_proxy(&config_text(primary.addr, primary.addr, "delay = \"0s\"", tail)).await;
+    for i in 0..3 {
+        let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let put = format!("PUT {} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", obj(&format!("gone{i}.mov")));
+        conn.write_all(put.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(conn);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let busy = client().get(format!("http://{}{}", proxy.addr, obj("a.mov"))).send().await.unwrap();
+    assert_eq!(busy.status(), 503, "the three writes are still in flight upstream");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ok = client().get(format!("http://{}{}", proxy.addr, obj("a.mov"))).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test]
+async fn what_cannot_be_relayed_faithfully_is_refused() {
+    // A status outside 100-599 from the upstream.
+    let (weird, task) = raw_upstream(b"HTTP/1.1 999 Weird\r\nContent-Length: 2\r\n\r\nok").await;
+    let proxy = start_proxy(&config_text(weird, weird, "delay = \"0s\"", "")).await;
+    let resp = client().get(format!("http://{}{}", proxy.addr, obj("a.mov"))).send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    task.abort();
+    // A transfer coding other than chunked, both ways.
+    let (coded, task) =
+        raw_upstream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n").await;
+    let proxy = start_proxy(&config_text(coded, coded, "delay = \"0s\"", "")).await;
+    let resp = client().get(format!("http://{}{}", proxy.addr, obj("a.mov"))).send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    let answer = raw_exchange(
+        proxy.addr,
+        format!(
+            "PUT {} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            obj("a.mov")
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    task.abort();
+    // An HTTP/1.1 request without Host.
+    let answer = raw_exchange(
+        proxy.addr,
+        format!("GET {} HTTP/1.1\r\nConnection: close\r\n\r\n", obj("a.mov")).as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // A length written as a list reaches the client as one length.
+    let (listed, task) = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok").await;
+    let proxy = start_proxy(&config_text(listed, listed, "delay = \"0s\"", "")).await;
+    let resp = client().get(format!("http://{}{}", proxy.addr, obj("a.mov"))).send().await.unwrap();
+    assert_eq!(resp.headers()["content-length"], "2");
+    assert_eq!(resp.text().await.unwrap(), "ok");
+    task.abort();
+}

@@ -162,7 +162,10 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, limits: Limits, m
                 Ok((stream, peer)) => serve(&builder, &graceful, stream, peer, &proxy, &limits, permit),
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    static ACCEPT: crate::throttle::Every = crate::throttle::Every::new(Duration::from_secs(10));
+                    if let Some(held) = ACCEPT.allow() {
+                        tracing::warn!(error = %e, also_since_last_warning = held, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },

@@ -194,6 +194,14 @@ impl Upstreams {
             },
         };
         match outcome {
+            Ok(Ok(resp)) if resp.status().as_u16() >= 600 => {
+                health.failure("answered a status outside 100-599");
+                Err(SendError::Protocol("answered a status code outside 100-599").into())
+            }
+            Ok(Ok(resp)) if has_other_coding(resp.headers()) => {
+                health.failure("answered with a transfer coding other than chunked");
+                Err(SendError::Protocol("answered with a transfer coding other than chunked").into())
+            }
             Ok(Ok(resp)) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
                 // mediaroute never asks for an upgrade: a 101 is a broken upstream.
                 health.failure("answered 101 to a plain request");
@@ -214,7 +222,10 @@ impl Upstreams {
                 Err(fault.into())
             }
             Ok(Err(e)) if let Some(fault) = local_fault(&e) => {
-                tracing::warn!(upstream = which.as_str(), error = %error_chain(&e), "local limit reached");
+                static LOCAL: crate::throttle::Every = crate::throttle::Every::new(Duration::from_secs(10));
+                if let Some(held) = LOCAL.allow() {
+                    tracing::warn!(upstream = which.as_str(), error = %error_chain(&e), also_since_last_warning = held, "local limit reached");
+                }
                 Err(fault.into())
             }
             Ok(Err(e)) if e.is_connect() => {
@@ -259,6 +270,16 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Whether a message uses a transfer coding other than chunked, which mediaroute cannot
+/// pass on (it removes chunked framing and would hand on the rest as if uncoded).
+pub fn has_other_coding(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
 /// Whether an active check's answer says the upstream is down.
 ///
 /// An S3 endpoint that answers at all is up (real ones answer a bare `HEAD` with 403,
@@ -299,6 +320,10 @@ pub async fn check_loop(upstreams: Arc<Upstreams>, tables: Arc<Tables>, health: 
                     Ok(Ok(_)) => {
                         h.check_passed();
                     }
+                    Ok(Err(e)) if local_fault(&e).is_some() => {
+                        // Out of descriptors here says nothing about the upstream.
+                        tracing::debug!(upstream = which.as_str(), error = %error_chain(&e), "check skipped: local limit");
+                    }
                     Ok(Err(e)) => {
                         h.failure(&format!("check failed: {}", error_chain(&e)));
                     }
@@ -316,6 +341,17 @@ pub async fn check_loop(upstreams: Arc<Upstreams>, tables: Arc<Tables>, health: 
 #[cfg(test)]
 mod check_tests {
     use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_is_a_local_fault() {
+        let emfile = std::io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
+        let wrapped = WithSource(emfile);
+        assert_eq!(local_fault(&wrapped), Some(LocalFault::Resources(rustix::io::Errno::MFILE.raw_os_error())));
+        let refused = WithSource(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(local_fault(&refused), None, "a refused connection is the upstream's");
+        let queue = QueueFull(Duration::from_secs(1));
+        assert_eq!(local_fault(&queue), Some(LocalFault::QueueFull(queue)));
+    }
 
     #[test]
     fn an_error_chain_says_each_cause_once() {
