@@ -164,17 +164,9 @@ async fn a_primary_that_never_answers_gives_504() {
 #[tokio::test]
 async fn a_replica_failing_mid_body_is_not_retried() {
     // Promises 1 MiB, sends 10 bytes, then drops the connection.
-    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
-    let replica_addr = listener.local_addr().unwrap();
-    let raw_replica = tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf).await;
-            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n0123456789").await;
-            // Dropping the connection cuts the body short.
-        }
-    });
+    let raw_replica =
+        raw_upstream(&b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n0123456789"[..], Then::Close).await;
+    let replica_addr = raw_replica.addr;
     let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
     let proxy = start_proxy(&config_text(primary.addr, replica_addr, "delay = \"0s\"", "")).await;
     let resp = client()
@@ -186,7 +178,6 @@ async fn a_replica_failing_mid_body_is_not_retried() {
     assert_eq!(resp.headers()["x-mediaroute-upstream"], "replica");
     assert!(resp.bytes().await.is_err(), "the client must see the download break, not a spliced body");
     assert_eq!(primary.store.hits(), 0, "nothing is retried once bytes went to the client");
-    raw_replica.abort();
 }
 
 #[tokio::test]

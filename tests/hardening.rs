@@ -11,24 +11,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const OLD: Duration = Duration::from_secs(86_400);
 
-/// An upstream that answers every request with the bytes of `answer`, raw.
-async fn raw_upstream(answer: &'static [u8]) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 8192];
-                let _ = conn.read(&mut buf).await;
-                let _ = conn.write_all(answer).await;
-                // Leave the connection open: its end must not be what ends the body.
-                tokio::time::sleep(Duration::from_secs(30)).await;
-            });
-        }
-    });
-    (addr, task)
-}
-
 /// Sends raw bytes and reads until the connection closes or `limit` passes.
 async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> String {
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -42,27 +24,29 @@ async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> Stri
 async fn a_response_is_framed_once_by_its_transfer_coding() {
     // Chunked, with a Content-Length that is shorter than the body: forwarding the length
     // would cut the body to 3 bytes that look complete.
-    let (upstream, task) = raw_upstream(
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    let upstream = raw_upstream(
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"[..],
+        Then::HoldOpen,
     )
     .await;
-    let proxy = start_proxy(&config_text(upstream, upstream, "delay = \"0s\"", "")).await;
+    let proxy = start_proxy(&config_text(upstream.addr, upstream.addr, "delay = \"0s\"", "")).await;
     let resp = client().get(format!("http://{}{}", proxy.addr, obj("a.mov"))).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.headers().get("content-length").is_none(), "{:?}", resp.headers());
     assert_eq!(resp.text().await.unwrap(), "hello world");
-    task.abort();
 }
 
 #[tokio::test]
 async fn a_101_to_a_plain_request_is_a_502() {
-    let (upstream, task) =
-        raw_upstream(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n").await;
-    let proxy = start_proxy(&config_text(upstream, upstream, "delay = \"0s\"", "")).await;
+    let upstream = raw_upstream(
+        &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"[..],
+        Then::HoldOpen,
+    )
+    .await;
+    let proxy = start_proxy(&config_text(upstream.addr, upstream.addr, "delay = \"0s\"", "")).await;
     let resp = client().get(format!("http://{}{}", proxy.addr, obj("a.mov"))).send().await.unwrap();
     assert_eq!(resp.status(), 502);
     assert!(resp.text().await.unwrap().contains("101"));
-    task.abort();
 }
 
 /// An upstream that records each request's raw head (as bytes reached it) and answers 200.
@@ -561,15 +545,17 @@ async fn writes_whose_client_left_still_count_among_requests_in_flight() {
 #[tokio::test]
 async fn what_cannot_be_relayed_faithfully_is_refused() {
     // A status outside 100-599 from the upstream.
-    let (weird, task) = raw_upstream(b"HTTP/1.1 999 Weird\r\nContent-Length: 2\r\n\r\nok").await;
-    let proxy = start_proxy(&config_text(weird, weird, "delay = \"0s\"", "")).await;
+    let weird = raw_upstream(&b"HTTP/1.1 999 Weird\r\nContent-Length: 2\r\n\r\nok"[..], Then::HoldOpen).await;
+    let proxy = start_proxy(&config_text(weird.addr, weird.addr, "delay = \"0s\"", "")).await;
     let resp = client().get(format!("http://{}{}", proxy.addr, obj("a.mov"))).send().await.unwrap();
     assert_eq!(resp.status(), 502);
-    task.abort();
     // A transfer coding other than chunked, both ways.
-    let (coded, task) =
-        raw_upstream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n").await;
-    let proxy = start_proxy(&config_text(coded, coded, "delay = \"0s\"", "")).await;
+    let coded = raw_upstream(
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"[..],
+        Then::HoldOpen,
+    )
+    .await;
+    let proxy = start_proxy(&config_text(coded.addr, coded.addr, "delay = \"0s\"", "")).await;
     let resp = client().get(format!("http://{}{}", proxy.addr, obj("a.mov"))).send().await.unwrap();
     assert_eq!(resp.status(), 502);
     let answer = raw_exchange(
@@ -583,7 +569,6 @@ async fn what_cannot_be_relayed_faithfully_is_refused() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
-    task.abort();
     // An HTTP/1.1 request without Host.
     let answer = raw_exchange(
         proxy.addr,
@@ -593,10 +578,9 @@ async fn what_cannot_be_relayed_faithfully_is_refused() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     // A length written as a list reaches the client as one length.
-    let (listed, task) = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok").await;
-    let proxy = start_proxy(&config_text(listed, listed, "delay = \"0s\"", "")).await;
+    let listed = raw_upstream(&b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok"[..], Then::HoldOpen).await;
+    let proxy = start_proxy(&config_text(listed.addr, listed.addr, "delay = \"0s\"", "")).await;
     let resp = client().get(format!("http://{}{}", proxy.addr, obj("a.mov"))).send().await.unwrap();
     assert_eq!(resp.headers()["content-length"], "2");
     assert_eq!(resp.text().await.unwrap(), "ok");
-    task.abort();
 }

@@ -225,15 +225,9 @@ async fn a_replica_answering_5xx_is_marked_down_under_traffic_and_stays_down() {
 #[tokio::test]
 async fn a_replica_that_breaks_downloads_off_is_marked_down() {
     // Promises 1 MiB, sends 10 bytes, then drops the connection: every time.
-    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
-    let replica_addr = listener.local_addr().unwrap();
-    let raw_replica = tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf).await;
-            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n0123456789").await;
-        }
-    });
+    let raw_replica =
+        raw_upstream(&b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n0123456789"[..], Then::Close).await;
+    let replica_addr = raw_replica.addr;
     let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
     primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
     let tail = "[health]\nfall = 2";
@@ -262,7 +256,6 @@ async fn a_replica_that_breaks_downloads_off_is_marked_down() {
     assert_eq!(metric(&m, "mediaroute_upstream_up{upstream=\"replica\"}"), 0.0, "{m}");
     let a = get_via(proxy.addr, &obj("a.mov"), "alice").await;
     assert_eq!((a.reason.as_str(), a.body.as_str()), ("replica-down", "primary"));
-    raw_replica.abort();
 }
 
 #[tokio::test]
@@ -621,18 +614,10 @@ async fn a_client_that_gives_up_does_not_count_for_the_upstream() {
 #[tokio::test]
 async fn a_replica_that_stalls_mid_body_is_marked_down() {
     // Sends its head and 1000 bytes of a 1 MiB body, then nothing, and keeps the connection.
-    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
-    let replica_addr = listener.local_addr().unwrap();
-    let stalling = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf).await;
-            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n").await;
-            let _ = conn.write_all(&[7u8; 1000]).await;
-            held.push(conn);
-        }
-    });
+    let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n".to_vec();
+    answer.extend_from_slice(&[7u8; 1000]);
+    let stalling = raw_upstream(answer, Then::HoldOpen).await;
+    let replica_addr = stalling.addr;
     let primary = store::serve(loopback0(), Store::new("p")).await.unwrap();
     primary.store.put(&obj("a.mov"), "primary", SystemTime::now() - OLD);
     let tail = "[limits]\nidle_timeout = \"400ms\"\n[health]\nfall = 2";
@@ -660,7 +645,6 @@ async fn a_replica_that_stalls_mid_body_is_marked_down() {
     let closed = "mediaroute_requests_total{upstream=\"replica\",reason=\"replica\",status_class=\"client-closed\"}";
     assert_eq!(metric(&m, closed), 0.0, "not the client's doing");
     assert_eq!(get_via(proxy.addr, &obj("a.mov"), "alice").await.reason, "replica-down");
-    stalling.abort();
 }
 
 /// An upstream holding one object that answers a write at once, then streams its answer

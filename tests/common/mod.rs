@@ -239,6 +239,41 @@ where
     TestServer { addr, hits, task }
 }
 
+/// What a raw upstream does with a connection once it has written its answer.
+pub enum Then {
+    /// Closes it: a body promised longer is cut short.
+    Close,
+    /// Keeps it open and silent: a body promised longer stalls.
+    HoldOpen,
+}
+
+/// An upstream that answers every request with the bytes of `answer`, as they are (framing
+/// faults included); stopped when dropped.
+pub async fn raw_upstream(answer: impl Into<Bytes>, then: Then) -> TestServer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answer: Bytes = answer.into();
+    let listener = TcpListener::bind(loopback0()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&hits);
+    let hold = matches!(then, Then::HoldOpen);
+    let task = tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn.write_all(&answer).await;
+                if hold {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            });
+        }
+    });
+    TestServer { addr, hits, task }
+}
+
 /// A server answering every request with `status` and a short body.
 pub async fn status_server(status: u16) -> TestServer {
     serve_fn(loopback0(), move |_req| async move {
