@@ -73,6 +73,21 @@ struct Slots {
     writing_any: u32,
 }
 
+impl Slots {
+    /// Drops every entry of `path`, all versions.
+    fn drop_path(&mut self, path: Hashed) {
+        if let Some(gone) = self.by_path.remove(&path) {
+            self.len -= gone.len();
+        }
+    }
+
+    /// Drops every entry.
+    fn drop_all(&mut self) {
+        self.by_path.clear();
+        self.len = 0;
+    }
+}
+
 /// What a write may change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Written {
@@ -122,9 +137,7 @@ impl AgeCache {
 
     /// Forgets every age (the primary moved); writes in progress stay marked.
     pub fn clear(&self) {
-        let mut slots = self.lock();
-        slots.by_path.clear();
-        slots.len = 0;
+        self.lock().drop_all();
     }
 
     /// Marks a write in progress until the guard is dropped: the write may have changed
@@ -157,24 +170,12 @@ impl AgeCache {
                         slots.writing.remove(&k);
                     }
                 }
-                if let Some(gone) = slots.by_path.remove(&k) {
-                    slots.len -= gone.len();
-                }
+                slots.drop_path(k);
             }
             None => {
                 slots.writing_any = if begin { slots.writing_any + 1 } else { slots.writing_any.saturating_sub(1) };
-                slots.by_path.clear();
-                slots.len = 0;
+                slots.drop_all();
             }
-        }
-    }
-
-    /// Forgets every version of the object at `path` (a write through mediaroute changed it).
-    pub fn forget(&self, path: &str) {
-        let key = self.hash(path);
-        let mut slots = self.lock();
-        if let Some(gone) = slots.by_path.remove(&key) {
-            slots.len -= gone.len();
         }
     }
 
@@ -232,9 +233,8 @@ impl AgeCache {
             None => {
                 if slots.len >= self.capacity {
                     // Any other path will do: the cost of a wrong guess is one extra probe.
-                    let victim = slots.by_path.keys().copied().find(|k| *k != path);
-                    if let Some(gone) = victim.and_then(|k| slots.by_path.remove(&k)) {
-                        slots.len -= gone.len();
+                    if let Some(victim) = slots.by_path.keys().copied().find(|k| *k != path) {
+                        slots.drop_path(victim);
                     }
                 }
                 let slot = Arc::new(Slot { result: OnceCell::new() });
@@ -399,7 +399,8 @@ mod tests {
         cache.age(ObjectKey::new("/b/w.mov", None), DELAY, old).await;
         cache.age(ObjectKey::new("/b/w.mov", Some("versionId=1")), DELAY, old).await;
         cache.age(ObjectKey::new("/b/other.mov", None), DELAY, old).await;
-        cache.forget("/b/w.mov");
+        let cache = Arc::new(cache);
+        drop(cache.begin_write(Written::Key("/b/w.mov".into())));
         assert_eq!(cache.len(), 1);
         let fresh = cache.age(ObjectKey::new("/b/w.mov", None), DELAY, || async { Probe::Missing }).await;
         assert_eq!(fresh, Age::Missing, "probed again after the write");

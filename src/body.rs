@@ -392,34 +392,37 @@ impl Body for RespBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        let polled = match &mut this.inner {
+        // Each branch also says whether its body has ended, under the one lock it takes.
+        let (polled, ended) = match &mut this.inner {
             Inner::Upstream(b) => {
-                let polled = Pin::new(b).poll_frame(cx);
+                let polled = Pin::new(&mut *b).poll_frame(cx);
                 this.waiting_on_upstream = polled.is_pending();
-                polled.map(|f| f.map(|r| r.map_err(BodyError::Upstream)))
+                (polled.map(|f| f.map(|r| r.map_err(BodyError::Upstream))), b.is_end_stream())
             }
             Inner::Watched(w) => {
-                let w = Arc::clone(w);
                 let mut body = w.body();
                 match body.as_mut() {
                     Some(b) => {
                         let polled = Pin::new(&mut *b).poll_frame(cx);
                         this.waiting_on_upstream = polled.is_pending();
+                        let ended = b.is_end_stream();
                         match &polled {
-                            Poll::Ready(Some(Ok(_))) if b.is_end_stream() => w.ended.notify_one(),
+                            Poll::Ready(Some(Ok(_))) if ended => w.ended.notify_one(),
                             Poll::Ready(Some(Ok(_))) => w.moved.touch(),
                             Poll::Ready(_) => w.ended.notify_one(),
                             Poll::Pending => {}
                         }
-                        polled.map(|f| f.map(|r| r.map_err(BodyError::Upstream)))
+                        (polled.map(|f| f.map(|r| r.map_err(BodyError::Upstream))), ended)
                     }
                     // Cut by its watchdog: the download must not look complete.
-                    None => Poll::Ready(Some(Err(BodyError::Stalled(w.limit)))),
+                    None => (Poll::Ready(Some(Err(BodyError::Stalled(w.limit)))), false),
                 }
             }
-            Inner::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            Inner::Full(b) => {
+                let polled = Pin::new(&mut *b).poll_frame(cx).map_err(|never| match never {});
+                (polled, b.is_end_stream())
+            }
         };
-        let ended = this.inner_end_stream();
         if let Some(rec) = this.record.as_deref_mut() {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {

@@ -16,6 +16,12 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 /// The scheme the client used, as the first proxy saw it.
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+/// The client address as a proxy in front saw it (nginx's convention).
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// Path overrides some servers honour over the request line.
+static URL_OVERRIDES: [HeaderName; 2] =
+    [HeaderName::from_static("x-original-url"), HeaderName::from_static("x-rewrite-url")];
+
 /// Keeps the forwarding headers that describe the client only when a trusted proxy set
 /// them, and says which scheme the client used when nobody trusted did (an S3 proxy may
 /// build URLs or signatures from them; README "Forwarding").
@@ -24,11 +30,12 @@ pub fn own_forwarding_headers(headers: &mut HeaderMap, trusted_peer: bool, schem
         headers.remove(&X_FORWARDED_HOST);
         headers.remove(&X_FORWARDED_PROTO);
         headers.remove(header::FORWARDED);
-        headers.remove(HeaderName::from_static("x-real-ip"));
+        headers.remove(&X_REAL_IP);
     }
-    // Path overrides some servers honour over the request line: a way out of the bucket.
-    headers.remove(HeaderName::from_static("x-original-url"));
-    headers.remove(HeaderName::from_static("x-rewrite-url"));
+    // A way out of the bucket, whoever sent it.
+    for name in &URL_OVERRIDES {
+        headers.remove(name);
+    }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
     }

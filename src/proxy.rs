@@ -101,11 +101,16 @@ impl Proxy {
         &self.ages
     }
 
-    /// Serves one request from `peer`; never fails (errors become S3-style responses).
-    pub async fn serve(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
+    /// Serves one request from `peer` on the client connection whose activity is
+    /// `connection`; never fails (errors become S3-style responses).
+    pub async fn serve(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        connection: Option<Arc<Activity>>,
+    ) -> Response<RespBody> {
         let table = self.tables.current();
         let (mut parts, body) = req.into_parts();
-        let connection = parts.extensions.remove::<Arc<Activity>>();
         let stream = parts.version == http::Version::HTTP_2;
         // Dropped with the request if the client goes away first: then it logs a 499.
         let mut rec = Box::new(AccessRecord {
@@ -221,10 +226,12 @@ impl Proxy {
             object: admitted.object,
             replica_down: self.upstreams.health(Upstream::Replica).is_down(),
         };
-        let key = ObjectKey::new(parts.uri.path(), query);
         let mut out = outgoing(table, &parts.method, &parts.uri, &mut parts.headers, peer);
-        let age =
-            if route::needs_age(table, &ctx, &facts) { self.probe_age(table, &out, key).await } else { Age::NotProbed };
+        let age = if route::needs_age(table, &ctx, &facts) {
+            self.probe_age(table, &out, ObjectKey::new(parts.uri.path(), query)).await
+        } else {
+            Age::NotProbed
+        };
         let (upstream, reason) = route::decide(table, &ctx, &facts, age);
         rec.user = ctx.user;
         rec.upstream = Some(upstream);

@@ -194,14 +194,14 @@ fn serve(
     let io = IdleIo::new(stream);
     let activity = io.activity();
     let busy = Arc::clone(&activity);
-    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+    let service = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         // Waiting on a probe or an upstream is not idleness (README "Limits and timeouts").
         let guard = busy.busy();
         // The response body reads it to tell an upstream stall from a client that left.
-        req.extensions_mut().insert(Arc::clone(&busy));
+        let connection = Arc::clone(&busy);
         async move {
-            let resp = proxy.serve(req, peer).await;
+            let resp = proxy.serve(req, peer, Some(connection)).await;
             drop(guard);
             Ok::<_, std::convert::Infallible>(resp)
         }

@@ -194,19 +194,9 @@ impl Upstreams {
             },
         };
         match outcome {
-            Ok(Ok(resp)) if resp.status().as_u16() >= 600 => {
-                health.failure("answered a status outside 100-599");
-                Err(SendError::Protocol("answered a status code outside 100-599").into())
-            }
-            Ok(Ok(resp)) if has_other_coding(resp.headers()) => {
-                health.failure("answered with a transfer coding other than chunked");
-                Err(SendError::Protocol("answered with a transfer coding other than chunked").into())
-            }
-            Ok(Ok(resp)) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
-                // mediaroute never asks for an upgrade: a 101 is a broken upstream.
-                health.failure("answered 101 to a plain request");
-                Err(SendError::Protocol("answered 101 Switching Protocols to a request that asked for no upgrade")
-                    .into())
+            Ok(Ok(resp)) if let Some(why) = unrelayable(&resp) => {
+                health.failure(why);
+                Err(SendError::Protocol(why).into())
             }
             Ok(Ok(resp)) => {
                 if resp.status().is_server_error() {
@@ -268,6 +258,20 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     s
+}
+
+/// What makes an upstream's answer one mediaroute cannot pass on faithfully, if anything.
+fn unrelayable(resp: &Response<Incoming>) -> Option<&'static str> {
+    if resp.status().as_u16() >= 600 {
+        Some("answered a status code outside 100-599")
+    } else if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        // mediaroute never asks for an upgrade.
+        Some("answered 101 Switching Protocols to a request that asked for no upgrade")
+    } else if has_other_coding(resp.headers()) {
+        Some("answered with a transfer coding other than chunked")
+    } else {
+        None
+    }
 }
 
 /// Whether a message uses a transfer coding other than chunked, which mediaroute cannot

@@ -479,6 +479,20 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Waits up to 5 s for `series` on the admin listener's `/metrics` to read `want`; the
+/// whole exposition then.
+pub async fn metric_reaches(admin: SocketAddr, series: &str, want: f64) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, m) = admin_get(admin, "/metrics").await;
+        if metric(&m, series) == want {
+            return m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{series} never reached {want}:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Adds an admin listener on a free port to a config text.
 pub fn with_admin(text: &str) -> String {
     text.replace("[listen]\naddr = \"127.0.0.1:0\"", "[listen]\naddr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"")
