@@ -45,11 +45,33 @@ impl Mode {
     }
 }
 
-/// How requests to an upstream are authenticated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How requests to an upstream are authenticated (README "Authentication").
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Auth {
     /// The client's `Authorization` header and presigned query go through untouched.
     Pass,
+    /// Downloads are signed anew with mediaroute's own credentials (replica only).
+    SigV4(Signing),
+}
+
+/// What signing for the replica needs (README "Authentication").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signing {
+    /// The region the replica bucket is in (`replica.region`).
+    pub region: String,
+    /// The host name signed for and sent as `Host` (`replica.signing_host`).
+    pub host: String,
+    /// Where the credentials come from.
+    pub credentials: CredentialsSource,
+}
+
+/// Where mediaroute's own AWS credentials come from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CredentialsSource {
+    /// A shared-credentials-format file (`credentials_file`); `None`: the standard chain.
+    pub file: Option<PathBuf>,
+    /// The profile in that file, or in the standard shared files (`profile`).
+    pub profile: Option<String>,
 }
 
 /// One located configuration mistake.
@@ -150,10 +172,12 @@ pub struct UpstreamConfig {
     pub url: http::Uri,
     /// Bucket name when requests are mapped between buckets.
     pub bucket: Option<String>,
-    /// AWS region, informational until requests are signed.
+    /// AWS region (the replica's is needed for signing).
     pub region: Option<String>,
     /// How requests are authenticated.
     pub auth: Auth,
+    /// Pass the client's `Host` untouched (primary only; README "Host").
+    pub preserve_host: bool,
     /// Path of the active health check's `HEAD`; `None`: the bucket (README "Health").
     pub health_path: Option<String>,
 }
@@ -169,6 +193,8 @@ pub struct Replication {
     pub delay: Duration,
     /// Replica miss or failure: retry GET/HEAD on the primary.
     pub fallback: bool,
+    /// Trust `x-amz-replication-status` from the probe over the delay.
+    pub use_status: bool,
     /// Extra users file, resolved against the config file's folder.
     pub users_file: Option<PathBuf>,
 }
@@ -202,9 +228,9 @@ pub struct Limits {
     pub upstream_connect_timeout: Duration,
     /// Time an upstream has to start its response once the request body has been sent.
     pub upstream_header_timeout: Duration,
-    /// Time allowed for the object-age `HEAD` probe.
+    /// Time allowed for the primary probe.
     pub age_probe_timeout: Duration,
-    /// Most object ages remembered.
+    /// Most objects whose facts (age, replication status) are remembered.
     pub age_cache_entries: usize,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,

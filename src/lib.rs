@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod sign;
 pub mod signals;
 pub mod table;
 pub mod throttle;

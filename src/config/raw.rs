@@ -55,8 +55,10 @@ pub(super) struct RawUpstream {
     pub(super) bucket: Option<S>,
     pub(super) region: Option<S>,
     pub(super) auth: Option<S>,
+    pub(super) signing_host: Option<S>,
     pub(super) credentials_file: Option<S>,
     pub(super) profile: Option<S>,
+    pub(super) preserve_host: Option<Spanned<bool>>,
     pub(super) health_path: Option<S>,
 }
 
@@ -69,7 +71,7 @@ pub(super) struct RawReplication {
     pub(super) delay: Option<S>,
     pub(super) fallback: Option<bool>,
     pub(super) users_file: Option<S>,
-    pub(super) sign_anonymous: Option<bool>,
+    pub(super) use_status: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]

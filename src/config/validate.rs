@@ -277,35 +277,14 @@ impl Validator<'_> {
                 format!("{:?} is not a valid S3 bucket name (3-63 characters: a-z, 0-9, '.', '-')", b.get_ref()),
             );
         }
-        let auth = match &raw.auth {
-            None => Some(Auth::Pass),
-            Some(s) if s.get_ref() == "pass" => Some(Auth::Pass),
-            Some(s) if s.get_ref() == "sigv4" => {
-                self.err_at(
-                    s.span(),
-                    &format!("{name}.auth"),
-                    "request signing (\"sigv4\") is not available in this version; use \"pass\"",
-                );
-                None
-            }
-            Some(s) => {
-                self.err_at(
-                    s.span(),
-                    &format!("{name}.auth"),
-                    format!("{:?} is not an auth mode: expected \"pass\" or \"sigv4\"", s.get_ref()),
-                );
-                None
-            }
-        };
-        for (opt, key) in [(&raw.credentials_file, "credentials_file"), (&raw.profile, "profile")] {
-            if let Some(s) = opt {
-                ok = false;
-                self.err_at(
-                    s.span(),
-                    &format!("{name}.{key}"),
-                    "only used with auth = \"sigv4\", which is not available in this version",
-                );
-            }
+        let auth = self.auth(&raw, name);
+        if let Some(p) = raw.preserve_host.as_ref().filter(|p| *p.get_ref() && name != "primary") {
+            ok = false;
+            self.err_at(
+                p.span(),
+                &format!("{name}.preserve_host"),
+                "only the primary may get the client's Host: the replica's requests are made for the replica",
+            );
         }
         let health_path = match raw.health_path {
             None => None,
@@ -320,9 +299,87 @@ impl Validator<'_> {
             bucket: raw.bucket.as_ref().map(|b| b.get_ref().clone()),
             region: raw.region.map(Spanned::into_inner),
             auth: auth?,
+            preserve_host: raw.preserve_host.is_some_and(|p| *p.get_ref()),
             health_path,
         };
         ok.then_some(cfg)
+    }
+
+    /// `auth` and the keys that go with it (README "Authentication").
+    fn auth(&mut self, raw: &RawUpstream, name: &str) -> Option<Auth> {
+        let key = |k: &str| format!("{name}.{k}");
+        let sigv4 = match &raw.auth {
+            None => false,
+            Some(s) if s.get_ref() == "pass" => false,
+            Some(s) if s.get_ref() == "sigv4" && name == "primary" => {
+                self.err_at(
+                    s.span(),
+                    &key("auth"),
+                    "the primary is never signed by mediaroute: it stays the authority over who may read and write",
+                );
+                return None;
+            }
+            Some(s) if s.get_ref() == "sigv4" => true,
+            Some(s) => {
+                self.err_at(
+                    s.span(),
+                    &key("auth"),
+                    format!("{:?} is not an auth mode: expected \"pass\" or \"sigv4\"", s.get_ref()),
+                );
+                return None;
+            }
+        };
+        if !sigv4 {
+            let mut ok = true;
+            for (opt, k) in [
+                (&raw.signing_host, "signing_host"),
+                (&raw.credentials_file, "credentials_file"),
+                (&raw.profile, "profile"),
+            ] {
+                if let Some(s) = opt {
+                    ok = false;
+                    self.err_at(s.span(), &key(k), "only used with auth = \"sigv4\"");
+                }
+            }
+            return ok.then_some(Auth::Pass);
+        }
+        let region = match &raw.region {
+            Some(r) if valid_region(r.get_ref()) => Some(r.get_ref().clone()),
+            Some(r) => {
+                self.err_at(r.span(), &key("region"), format!("{:?} is not an AWS region name", r.get_ref()));
+                None
+            }
+            None => {
+                self.err_nowhere(&key("region"), "missing: auth = \"sigv4\" signs for the replica's region");
+                None
+            }
+        };
+        let host = match (&raw.signing_host, &raw.bucket, &region) {
+            (Some(h), _, _) if h.get_ref().parse::<http::uri::Authority>().is_ok_and(|a| a.as_str() == h.get_ref()) => {
+                Some(h.get_ref().to_ascii_lowercase())
+            }
+            (Some(h), _, _) => {
+                self.err_at(h.span(), &key("signing_host"), format!("{:?} is not a host name", h.get_ref()));
+                None
+            }
+            // Path-style: the bucket is in the path, the regional endpoint is the host.
+            (None, Some(_), Some(r)) => Some(format!("s3.{r}.amazonaws.com")),
+            (None, Some(_), None) => None,
+            (None, None, _) => {
+                self.err_nowhere(
+                    &key("signing_host"),
+                    "missing: without a bucket the replica serves one bucket, whose host name mediaroute cannot guess \
+                     (e.g. \"my-bucket.s3.eu-west-1.amazonaws.com\")",
+                );
+                None
+            }
+        };
+        let file = raw.credentials_file.as_ref().map(|f| {
+            let base = self.file.parent().unwrap_or(Path::new("."));
+            base.join(f.get_ref())
+        });
+        let credentials = CredentialsSource { file, profile: raw.profile.as_ref().map(|p| p.get_ref().clone()) };
+        Some(Auth::SigV4(Signing { region: region?, host: host?, credentials }))
     }
 
     fn url(&mut self, s: &S, key: &str) -> Option<http::Uri> {
@@ -395,17 +452,12 @@ impl Validator<'_> {
         };
         let networks = self.cidrs(&raw.networks, "replication.networks");
         let delay = self.duration(&raw.delay, "replication.delay", Duration::from_secs(15 * 60));
-        if raw.sign_anonymous.is_some() {
-            self.err_nowhere(
-                "replication.sign_anonymous",
-                "only used with auth = \"sigv4\", which is not available in this version",
-            );
-        }
         Some(Replication {
             default_mode: default_mode?,
             networks: networks?,
             delay: delay?,
             fallback: raw.fallback.unwrap_or(true),
+            use_status: raw.use_status.unwrap_or(true),
             users_file,
         })
     }
@@ -610,6 +662,11 @@ pub fn parse_cidr(s: &str) -> Option<IpNet> {
         return Some(net.trunc());
     }
     s.parse::<std::net::IpAddr>().ok().map(IpNet::from)
+}
+
+/// An AWS region name: lower-case letters, digits and dashes (`eu-west-1`).
+fn valid_region(r: &str) -> bool {
+    !r.is_empty() && r.len() <= 32 && r.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
 }
 
 /// S3 bucket naming rules, loosely: 3-63 of a-z, 0-9, '.', '-'.
