@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use tokio::sync::Notify;
 
 use crate::access::AccessRecord;
-use crate::age::Writing;
+use crate::probe::Writing;
 use crate::idle::Activity;
 
 /// A failure on the client's side of an exchange: never an upstream failure.

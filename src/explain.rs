@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::duration::format_duration;
-use crate::route::{self, Age, ClientContext, Refusal, RequestFacts};
+use crate::route::{self, ClientContext, Probed, Refusal, ReplicationStatus, RequestFacts};
 use crate::table::{Addressing, RoutingTable};
 
 /// The request to explain.
@@ -22,6 +22,8 @@ pub struct Question {
     pub path: Option<String>,
     /// Object age; `None` assumes older than the delay.
     pub age: Option<Duration>,
+    /// The object's `x-amz-replication-status` as the probe would see it.
+    pub status: Option<ReplicationStatus>,
     /// Pretend health checking marked the replica down.
     pub replica_down: bool,
 }
@@ -66,11 +68,12 @@ pub fn explain(cfg: &Config, q: &Question) -> String {
         object: admitted.object,
         replica_down: q.replica_down,
     };
-    let age = match q.age {
-        Some(a) => Age::Known(a),
-        None => Age::Known(Duration::MAX),
+    let probed = if route::needs_probe(&table, &ctx, &facts) {
+        Probed::Found { age: Some(q.age.unwrap_or(Duration::MAX)), status: q.status }
+    } else {
+        Probed::NotProbed
     };
-    let (upstream, reason) = route::decide(&table, &ctx, &facts, age);
+    let (upstream, reason) = route::decide(&table, &ctx, &facts, probed);
     let mode = table.mode_of(ctx.user.as_deref());
     let listed = q.user.as_ref().is_some_and(|u| cfg.users.contains_key(u));
     let _ = writeln!(out, "upstream: {}", upstream.as_str());
@@ -91,5 +94,19 @@ pub fn explain(cfg: &Config, q: &Question) -> String {
         None => format!("not given, assumed older than the delay ({delay})"),
     };
     let _ = writeln!(out, "age:      {age}");
+    let status = match (q.status, table.use_status) {
+        (Some(s), true) => format!("{} (replication.use_status = true: it decides over the delay)", s.as_str()),
+        (Some(s), false) => format!("{} (ignored: replication.use_status = false)", s.as_str()),
+        (None, _) => "not given (the primary sends none: the delay decides)".to_string(),
+    };
+    let _ = writeln!(out, "status:   {status}");
+    if let Some(s) = &table.signing {
+        let host = s.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("?");
+        let _ = writeln!(
+            out,
+            "signing:  sigv4 for {host} in {}, only after the primary allowed the client's own request",
+            s.region
+        );
+    }
     out
 }

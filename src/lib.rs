@@ -1,14 +1,13 @@
 //! mediaroute: a streaming reverse proxy that serves studio media from an S3 replica
 //! region when a user's setting allows it, and from the primary otherwise.
 //!
-//! Modules point one way: `config` -> `table` -> (`route`, `age`, `health`, `upstream`) -> `proxy`
+//! Modules point one way: `config` -> `table` -> (`route`, `probe`, `sign`, `health`, `upstream`) -> `proxy`
 //! -> `server`; the binary (`main.rs`) sits on top.
 
 #![warn(missing_docs)]
 
 pub mod access;
 pub mod admin;
-pub mod age;
 pub mod body;
 pub mod client;
 pub mod config;
@@ -20,6 +19,7 @@ pub mod headers;
 pub mod health;
 pub mod idle;
 pub mod metrics;
+pub mod probe;
 pub mod proxy;
 pub mod route;
 pub mod server;

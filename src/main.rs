@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mediaroute::config::{self, Config};
+use mediaroute::route::ReplicationStatus;
 use mediaroute::signals::{self, Stops};
 use mediaroute::{demo, duration, explain, server};
 use sd_notify::NotifyState;
@@ -52,12 +53,20 @@ enum Command {
         /// Object age, e.g. 10m or 2d; leave out to assume older than the delay.
         #[arg(long, value_parser = parse_age)]
         age: Option<Duration>,
+        /// The object's x-amz-replication-status as the primary would send it.
+        #[arg(long, value_parser = parse_status)]
+        status: Option<ReplicationStatus>,
         /// Pretend the replica is marked down.
         #[arg(long)]
         replica_down: bool,
     },
     /// Start two local upstreams with sample media and the proxy on the example config.
     Demo,
+}
+
+fn parse_status(s: &str) -> Result<ReplicationStatus, String> {
+    ReplicationStatus::parse(&s.to_ascii_uppercase())
+        .ok_or_else(|| format!("{s:?} is not a replication status: PENDING, COMPLETED or FAILED"))
 }
 
 fn parse_age(s: &str) -> Result<Duration, String> {
@@ -69,9 +78,9 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(cli.config.as_deref()),
         Command::Check => return check(cli.config.as_deref()),
-        Command::Explain { user, ip, method, path, age, replica_down } => {
+        Command::Explain { user, ip, method, path, age, status, replica_down } => {
             with_config(cli.config.as_deref()).map(|cfg| {
-                let q = explain::Question { user, ip, method, path, age, replica_down };
+                let q = explain::Question { user, ip, method, path, age, status, replica_down };
                 print!("{}", explain::explain(&cfg, &q));
             })
         }

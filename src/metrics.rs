@@ -1,7 +1,7 @@
 //! The metrics registry: names and labels are part of the contract (README "Metrics").
 
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -117,6 +117,10 @@ pub struct Metrics {
     upstream_up: Family<Labels<1>, Gauge>,
     /// Per upstream (primary, replica): requests waiting for a connection, and those that gave up.
     queue: [(Gauge, Counter); 2],
+    /// Loads of mediaroute's own AWS credentials: [ok, error].
+    credential_refreshes: [Counter; 2],
+    /// When the AWS credentials in use expire (Unix seconds), 0 for none or static keys.
+    credentials_expiry: Gauge,
 }
 
 /// A request counted as waiting for an upstream connection until dropped.
@@ -220,6 +224,18 @@ impl Metrics {
             let label = [("upstream", u.as_str())];
             (queue_waiting.get_or_create(&label).clone(), queue_timeouts.get_or_create(&label).clone())
         });
+        let credential_refreshes = Family::<Labels<1>, Counter>::default();
+        registry.register(
+            "credential_refreshes",
+            "Loads of mediaroute's own AWS credentials (first load, refresh, reload) by result",
+            credential_refreshes.clone(),
+        );
+        let credentials_expiry = Gauge::default();
+        registry.register(
+            "credentials_expiry_timestamp_seconds",
+            "When mediaroute's own AWS credentials expire (Unix time), 0 for none or keys that do not expire",
+            credentials_expiry.clone(),
+        );
         let per_upstream = UPSTREAM_NAMES.map(|u| {
             let bytes = response_bytes.get_or_create(&[("upstream", u)]).clone();
             // Refused requests reached no upstream: their duration is not an upstream's.
@@ -244,6 +260,8 @@ impl Metrics {
             generation,
             upstream_up,
             queue,
+            credential_refreshes: ["ok", "error"].map(|r| credential_refreshes.get_or_create(&[("result", r)]).clone()),
+            credentials_expiry,
         };
         for (u, reason) in KNOWN_ROUTES {
             for c in 0..CLASSES {
@@ -353,6 +371,18 @@ impl Metrics {
         self.upstream_up.get_or_create(&[("upstream", upstream.as_str())]).set(i64::from(up));
     }
 
+    /// Counts one load of mediaroute's own AWS credentials (`mediaroute_credential_refreshes_total{result}`).
+    pub fn credential_refresh(&self, ok: bool) {
+        self.credential_refreshes[usize::from(!ok)].inc();
+    }
+
+    /// Sets `mediaroute_credentials_expiry_timestamp_seconds`: `None` (no credentials, or keys
+    /// that do not expire) reads 0.
+    pub fn set_credentials_expiry(&self, expiry: Option<SystemTime>) {
+        let secs = expiry.and_then(|e| e.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+        self.credentials_expiry.set(i64::try_from(secs).unwrap_or(i64::MAX));
+    }
+
     /// The exposition in the OpenMetrics text format (which Prometheus reads).
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -402,6 +432,10 @@ mod tests {
         m.probe(ProbeResult::Denied);
         m.reload(Some(2));
         m.reload(None);
+        m.credential_refresh(true);
+        m.credential_refresh(true);
+        m.credential_refresh(false);
+        m.set_credentials_expiry(Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)));
         let text = m.render();
         for line in [
             "# TYPE mediaroute_requests counter",
@@ -420,6 +454,11 @@ mod tests {
             "mediaroute_config_reloads_total{result=\"error\"} 1",
             "mediaroute_config_generation 2",
             "mediaroute_upstream_up{upstream=\"replica\"} 1",
+            "# TYPE mediaroute_credential_refreshes counter",
+            "mediaroute_credential_refreshes_total{result=\"ok\"} 2",
+            "mediaroute_credential_refreshes_total{result=\"error\"} 1",
+            "# TYPE mediaroute_credentials_expiry_timestamp_seconds gauge",
+            "mediaroute_credentials_expiry_timestamp_seconds 1700000000",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
@@ -449,6 +488,9 @@ mod from_the_start {
             "mediaroute_upstream_up{upstream=\"primary\"} 1",
             "mediaroute_upstream_queue{upstream=\"replica\"} 0",
             "mediaroute_upstream_queue_timeouts_total{upstream=\"primary\"} 0",
+            "mediaroute_credential_refreshes_total{result=\"ok\"} 0",
+            "mediaroute_credential_refreshes_total{result=\"error\"} 0",
+            "mediaroute_credentials_expiry_timestamp_seconds 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

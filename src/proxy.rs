@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
 use http::request::Parts;
@@ -14,7 +14,8 @@ use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 
 use crate::access::AccessRecord;
-use crate::age::{AgeCache, ObjectKey, Probe, Writing, Written, parse_last_modified};
+use arc_swap::ArcSwapOption;
+
 use crate::body::{ClientFault, ReqBody, RespBody, drain_write};
 use crate::client;
 use crate::config::Config;
@@ -25,7 +26,10 @@ use crate::headers::{
 };
 use crate::idle::Activity;
 use crate::metrics::{FallbackCause, Metrics, ProbeResult};
-use crate::route::{self, Age, Reason, RequestFacts};
+use crate::probe::presigned::Presigned;
+use crate::probe::{self, FactsCache, Learned, ObjectKey, Writing, Written};
+use crate::route::{self, Probed, Reason, RequestFacts};
+use crate::sign::{self, SignError, credentials::Keys};
 use crate::table::{RoutingTable, Tables, Upstream};
 use crate::upstream::{ExchangeError, LocalFault, SendError, Upstreams, error_chain};
 
@@ -38,7 +42,11 @@ pub struct Proxy {
     /// Most header fields in a request (hyper counts them for HTTP/1.1 only).
     max_headers: usize,
     upstreams: Arc<Upstreams>,
-    ages: Arc<AgeCache>,
+    facts: Arc<FactsCache>,
+    /// Presigned URLs the primary allowed, until they expire (README "The primary probe").
+    presigned: Presigned,
+    /// mediaroute's own credentials, once the replica is signed (README "Authentication").
+    keys: ArcSwapOption<Keys>,
     probe_timeout: Duration,
     idle_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -53,17 +61,21 @@ struct Outgoing<'a> {
     path: &'a str,
     /// The query without the user parameter.
     query: Option<Cow<'a, str>>,
+    /// The client's `Host` (or HTTP/2 `:authority`), for `preserve_host`.
+    host: Option<HeaderValue>,
 }
 
 impl Proxy {
     /// Creates the service state.
-    pub fn new(cfg: &Config, tables: Arc<Tables>, metrics: Arc<Metrics>) -> Proxy {
+    pub fn new(cfg: &Config, tables: Arc<Tables>, metrics: Arc<Metrics>, keys: Option<Arc<Keys>>) -> Proxy {
         Proxy {
             upstreams: Arc::new(Upstreams::new(cfg, &metrics, Arc::clone(&tables))),
             tables,
             in_flight: Arc::new(Semaphore::new(cfg.limits.max_requests as usize)),
             max_headers: cfg.limits.max_headers as usize,
-            ages: Arc::new(AgeCache::new(cfg.limits.age_cache_entries)),
+            facts: Arc::new(FactsCache::new(cfg.limits.age_cache_entries, Arc::clone(&metrics))),
+            presigned: Presigned::new(cfg.limits.age_cache_entries),
+            keys: ArcSwapOption::new(keys),
             probe_timeout: cfg.limits.age_probe_timeout,
             idle_timeout: cfg.limits.idle_timeout,
             metrics,
@@ -96,9 +108,19 @@ impl Proxy {
         &self.upstreams
     }
 
-    /// The object-age cache.
-    pub fn ages(&self) -> &AgeCache {
-        &self.ages
+    /// The object-facts cache.
+    pub fn facts(&self) -> &FactsCache {
+        &self.facts
+    }
+
+    /// mediaroute's own credentials, if the replica is signed.
+    pub fn keys(&self) -> Option<Arc<Keys>> {
+        self.keys.load_full()
+    }
+
+    /// Sets the credentials used from now on (a reload that turned signing on).
+    pub fn set_keys(&self, keys: Arc<Keys>) {
+        self.keys.store(Some(keys));
     }
 
     /// Serves one request from `peer` on the client connection whose activity is
@@ -227,20 +249,33 @@ impl Proxy {
             replica_down: self.upstreams.health(Upstream::Replica).is_down(),
         };
         let mut out = outgoing(table, &parts.method, &parts.uri, &mut parts.headers, peer);
-        let age = if route::needs_age(table, &ctx, &facts) {
-            self.probe_age(table, &out, ObjectKey::new(parts.uri.path(), query)).await
+        let probed = if route::needs_probe(table, &ctx, &facts) {
+            self.probe(table, &out, ObjectKey::new(parts.uri.path(), query)).await
         } else {
-            Age::NotProbed
+            Probed::NotProbed
         };
-        let (upstream, reason) = route::decide(table, &ctx, &facts, age);
+        let (mut upstream, mut reason) = route::decide(table, &ctx, &facts, probed);
+        let mut signed_replica = None;
+        if upstream == Upstream::Replica {
+            // Keep a copy of the head only if the primary may still need it.
+            let keep = table.fallback || table.signs_replica();
+            let headers = if keep { out.headers.clone() } else { std::mem::take(&mut out.headers) };
+            match self.replica_request(table, &out, headers) {
+                Ok(req) => signed_replica = Some(req),
+                Err(e) => {
+                    static UNSIGNED: crate::throttle::Every = crate::throttle::Every::new(Duration::from_secs(10));
+                    if let Some(held) = UNSIGNED.allow() {
+                        tracing::warn!(error = %e, also_since_last_warning = held, "cannot sign for the replica; serving from the primary");
+                    }
+                    (upstream, reason) = (Upstream::Primary, Reason::ReplicaDown);
+                }
+            }
+        }
         rec.user = ctx.user;
         rec.upstream = Some(upstream);
         rec.reason = Some(reason);
 
-        if upstream == Upstream::Replica {
-            // Keep a copy of the head only if the primary may still need it.
-            let headers = if table.fallback { out.headers.clone() } else { std::mem::take(&mut out.headers) };
-            let req = build_request(table, Upstream::Replica, out.method.clone(), &out, headers, ReqBody::Empty)?;
+        if let Some(req) = signed_replica {
             let cause = match self.upstreams.send(Upstream::Replica, req).await {
                 Ok(resp) => match replica_missed(resp.status()).filter(|_| table.fallback) {
                     None => return Ok(to_client(resp, Upstream::Replica, reason)),
@@ -253,6 +288,20 @@ impl Proxy {
                         if cause.is_miss() {
                             // A well-formed "not here" is a healthy replica.
                             self.upstreams.health(Upstream::Replica).success();
+                        }
+                        if cause == FallbackCause::Denied && table.signs_replica() {
+                            // mediaroute's own key lacks rights: say so, not only fall back
+                            // (README "Authentication").
+                            static REFUSED: crate::throttle::Every =
+                                crate::throttle::Every::new(Duration::from_secs(10));
+                            if let Some(held) = REFUSED.allow() {
+                                tracing::warn!(
+                                    path = out.path,
+                                    also_since_last_warning = held,
+                                    "the replica refused mediaroute's own credentials (403): give them s3:GetObject \
+                                     and s3:ListBucket on the replica bucket"
+                                );
+                            }
                         }
                         drain_small(resp).await;
                         cause
@@ -284,7 +333,7 @@ impl Proxy {
         } else {
             None
         };
-        self.write(req, reason, written.map(|w| self.ages.begin_write(w)), slot.take()).await
+        self.write(req, reason, written.map(|w| self.facts.begin_write(w)), slot.take()).await
     }
 
     /// Sends a write to the primary. The exchange runs in a task of its own, and the
@@ -348,56 +397,90 @@ impl Proxy {
         }
     }
 
-    /// Learns the object's age from a `HEAD` to the primary, through the cache.
-    async fn probe_age(&self, table: &RoutingTable, out: &Outgoing<'_>, key: ObjectKey<'_>) -> Age {
-        self.ages
-            .age(key, table.delay, || async {
-                let mut headers = out.headers.clone();
-                for h in [
-                    header::RANGE,
-                    header::IF_MATCH,
-                    header::IF_NONE_MATCH,
-                    header::IF_MODIFIED_SINCE,
-                    header::IF_UNMODIFIED_SINCE,
-                ] {
-                    headers.remove(h);
+    /// The replica's request: mapped bucket, and with `replica.auth = "sigv4"` the client's
+    /// credentials replaced by mediaroute's signature (README "Authentication").
+    fn replica_request(
+        &self,
+        table: &RoutingTable,
+        out: &Outgoing<'_>,
+        headers: HeaderMap,
+    ) -> Result<Request<ReqBody>, SignError> {
+        let unbuildable = |_| SignError::Unsignable("the request path cannot be forwarded".to_string());
+        let mut req = build_request(table, Upstream::Replica, out.method.clone(), out, headers, ReqBody::Empty)
+            .map_err(unbuildable)?;
+        let Some(signing) = &table.signing else { return Ok(req) };
+        let creds = self.keys().and_then(|k| k.current()).ok_or(SignError::NoCredentials)?;
+        let host = signing.host.as_ref().ok_or(SignError::Unsignable("replica.signing_host".to_string()))?;
+        let target = sign::replica_target(req.uri().path(), req.uri().query());
+        let uri = Uri::builder()
+            .scheme(table.replica.scheme.clone())
+            .authority(table.replica.authority.clone())
+            .path_and_query(target)
+            .build()
+            .map_err(|_| SignError::Unsignable("the request path cannot be forwarded".to_string()))?;
+        let (mut parts, body) = req.into_parts();
+        sign::sign_for_replica(&parts.method, &uri, &mut parts.headers, host, &signing.region, &creds, SystemTime::now())?;
+        parts.uri = uri;
+        req = Request::from_parts(parts, body);
+        Ok(req)
+    }
+
+    /// What the primary probe says of this request and its object (README "The primary
+    /// probe"). With a signed replica every request has its own probe, but for a presigned
+    /// URL the primary already allowed; otherwise probes are shared and their facts cached.
+    async fn probe(&self, table: &RoutingTable, out: &Outgoing<'_>, key: ObjectKey<'_>) -> Probed {
+        let run = || self.probe_once(table, out);
+        let learned = if table.signs_replica() {
+            let target = match &out.query {
+                Some(q) => Cow::Owned(format!("{}?{q}", out.path)),
+                None => Cow::Borrowed(out.path),
+            };
+            let now = SystemTime::now();
+            let remembered = self.presigned.allowed(&out.method, &target, now).then(|| self.facts.cached(key, table.delay));
+            match remembered.flatten() {
+                Some(known) => known,
+                None => {
+                    let learned = self.facts.own(key, run).await;
+                    if matches!(learned, Learned::Found { .. }) {
+                        self.presigned.remember(&out.method, &target, out.query.as_deref(), now);
+                    }
+                    learned
                 }
-                let Ok(req) = build_request(table, Upstream::Primary, Method::HEAD, out, headers, ReqBody::Empty)
-                else {
-                    return Probe::Failed;
-                };
-                let sent = tokio::time::timeout(self.probe_timeout, self.upstreams.client().request(req)).await;
-                let (result, probe) = match sent {
-                    Ok(Ok(resp)) if resp.status().is_success() => {
-                        let modified = resp
-                            .headers()
-                            .get(header::LAST_MODIFIED)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(parse_last_modified);
-                        match modified {
-                            Some(t) => (ProbeResult::Ok, Probe::Modified(t)),
-                            None => (ProbeResult::Error, Probe::Failed),
-                        }
-                    }
-                    Ok(Ok(resp)) if resp.status() == StatusCode::NOT_FOUND => (ProbeResult::Missing, Probe::Missing),
-                    Ok(Ok(resp)) => {
-                        tracing::debug!(status = resp.status().as_u16(), "age probe refused");
-                        let denied = matches!(resp.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
-                        (if denied { ProbeResult::Denied } else { ProbeResult::Error }, Probe::Failed)
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %error_chain(&e), "age probe failed");
-                        (ProbeResult::Error, Probe::Failed)
-                    }
-                    Err(_) => {
-                        tracing::debug!("age probe timed out");
-                        (ProbeResult::Timeout, Probe::Failed)
-                    }
-                };
-                self.metrics.probe(result);
-                probe
-            })
-            .await
+            }
+        } else {
+            self.facts.shared(key, table.delay, run).await
+        };
+        learned.at(SystemTime::now())
+    }
+
+    /// Sends one probe: the client's request to the primary with its own credentials.
+    async fn probe_once(&self, table: &RoutingTable, out: &Outgoing<'_>) -> Learned {
+        let headers = probe::probe_headers(&out.method, &out.headers, out.query.as_deref());
+        let Ok(req) = build_request(table, Upstream::Primary, out.method.clone(), out, headers, ReqBody::Empty) else {
+            return Learned::Failed;
+        };
+        let sent = tokio::time::timeout(self.probe_timeout, self.upstreams.client().request(req)).await;
+        let (learned, result) = match sent {
+            Ok(Ok(resp)) => {
+                let answer = probe::read_answer(resp.status(), resp.headers());
+                if answer.1 != ProbeResult::Ok {
+                    tracing::debug!(status = resp.status().as_u16(), "probe: no read allowed");
+                }
+                // The byte asked for, read so that the connection can be used again.
+                tokio::spawn(drain_small(resp));
+                answer
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %error_chain(&e), "probe failed");
+                (Learned::Failed, ProbeResult::Error)
+            }
+            Err(_) => {
+                tracing::debug!("probe timed out");
+                (Learned::Failed, ProbeResult::Timeout)
+            }
+        };
+        self.metrics.probe(result);
+        learned
     }
 }
 
@@ -461,6 +544,10 @@ fn outgoing<'a>(
     peer: SocketAddr,
 ) -> Outgoing<'a> {
     let query = client::strip_identity(table, client_headers, uri.query());
+    let host = match client_headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
     let mut headers = std::mem::take(client_headers);
     if headers.contains_key(header::TRANSFER_ENCODING) {
         // Framed by its transfer coding: a Content-Length beside it must not frame the
@@ -478,7 +565,7 @@ fn outgoing<'a>(
         // GET/HEAD go out without a body so they can be retried on the primary.
         headers.remove(header::CONTENT_LENGTH);
     }
-    Outgoing { method: method.clone(), headers, path: uri.path(), query }
+    Outgoing { method: method.clone(), headers, path: uri.path(), query, host }
 }
 
 /// Builds the request for one upstream: its scheme, host and bucket, `out`'s path and query.
@@ -512,6 +599,13 @@ fn build_request(
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
+    if to == Upstream::Primary
+        && table.preserve_host
+        && let Some(host) = &out.host
+    {
+        // The client signed for the name it connected to (README "Host").
+        req.headers_mut().insert(header::HOST, host.clone());
+    }
     Ok(req)
 }
 

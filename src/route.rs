@@ -22,6 +22,10 @@ pub enum Reason {
     OutsideNetworks,
     /// The replica is marked down.
     ReplicaDown,
+    /// The primary refused the client's own credentials in the probe.
+    Denied,
+    /// The primary says the object has not replicated (`PENDING` or `FAILED`).
+    NotReplicated,
     /// The object is younger than the replication delay.
     TooYoung,
     /// The object's age could not be learned.
@@ -41,6 +45,8 @@ impl Reason {
             Reason::ModeNo => "mode-no",
             Reason::OutsideNetworks => "outside-networks",
             Reason::ReplicaDown => "replica-down",
+            Reason::Denied => "denied",
+            Reason::NotReplicated => "not-replicated",
             Reason::TooYoung => "too-young",
             Reason::AgeUnknown => "age-unknown",
             Reason::Replica => "replica",
@@ -49,12 +55,14 @@ impl Reason {
     }
 
     /// Every reason, in rule order.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Write,
         Reason::NotObject,
         Reason::ModeNo,
         Reason::OutsideNetworks,
         Reason::ReplicaDown,
+        Reason::Denied,
+        Reason::NotReplicated,
         Reason::TooYoung,
         Reason::AgeUnknown,
         Reason::Replica,
@@ -82,21 +90,60 @@ pub struct RequestFacts {
     pub replica_down: bool,
 }
 
-/// What is known of the object's age on the primary.
+/// An object's `x-amz-replication-status` on the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Age {
-    /// No probe was made (none needed, or `delay = 0`).
-    NotProbed,
-    /// Now minus `Last-Modified`; zero for a timestamp in the future.
-    Known(Duration),
-    /// The primary has no such object.
-    Missing,
-    /// The probe failed or timed out.
-    Unknown,
+pub enum ReplicationStatus {
+    /// Not copied yet.
+    Pending,
+    /// Copied to the replica.
+    Completed,
+    /// Replication gave up on it.
+    Failed,
 }
 
-/// The rules that need no object age (1-5), or `None` when the age decides.
-fn before_age(table: &RoutingTable, ctx: &ClientContext, facts: &RequestFacts) -> Option<Reason> {
+impl ReplicationStatus {
+    /// Parses the header value; `REPLICA` (the object is itself a copy) and others: `None`.
+    pub fn parse(value: &str) -> Option<ReplicationStatus> {
+        match value {
+            "PENDING" => Some(ReplicationStatus::Pending),
+            "COMPLETED" | "COMPLETE" => Some(ReplicationStatus::Completed),
+            "FAILED" => Some(ReplicationStatus::Failed),
+            _ => None,
+        }
+    }
+
+    /// The header spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicationStatus::Pending => "PENDING",
+            ReplicationStatus::Completed => "COMPLETED",
+            ReplicationStatus::Failed => "FAILED",
+        }
+    }
+}
+
+/// What the primary probe (README "The primary probe") said of this request and its object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probed {
+    /// No probe was made (none needed).
+    NotProbed,
+    /// The primary let this client read the object; what it said of it.
+    Found {
+        /// Now minus `Last-Modified` (zero for a timestamp in the future), if sent.
+        age: Option<Duration>,
+        /// `x-amz-replication-status`, if sent.
+        status: Option<ReplicationStatus>,
+    },
+    /// The primary has no such object (404).
+    Missing,
+    /// The primary refused the client's credentials (401/403).
+    Denied,
+    /// The probe failed or timed out.
+    Failed,
+}
+
+/// The rules that need no probe (1-5), or `None` when the probe decides.
+fn before_probe(table: &RoutingTable, ctx: &ClientContext, facts: &RequestFacts) -> Option<Reason> {
     if !facts.read {
         return Some(Reason::Write);
     }
@@ -114,23 +161,40 @@ fn before_age(table: &RoutingTable, ctx: &ClientContext, facts: &RequestFacts) -
     None
 }
 
-/// Whether the decision depends on the object's age, so a probe is worth making.
-pub fn needs_age(table: &RoutingTable, ctx: &ClientContext, facts: &RequestFacts) -> bool {
-    !table.delay.is_zero() && before_age(table, ctx, facts).is_none()
+/// Whether the decision needs the primary probe: a read that passed rules 1-5, when
+/// there is a delay to apply or the replica is signed (README "The primary probe").
+pub fn needs_probe(table: &RoutingTable, ctx: &ClientContext, facts: &RequestFacts) -> bool {
+    (!table.delay.is_zero() || table.signs_replica()) && before_probe(table, ctx, facts).is_none()
 }
 
-/// Decides which upstream serves the request, and why (rules 1-8, first match wins).
-pub fn decide(table: &RoutingTable, ctx: &ClientContext, facts: &RequestFacts, age: Age) -> (Upstream, Reason) {
-    if let Some(reason) = before_age(table, ctx, facts) {
+/// Decides which upstream serves the request, and why (rules 1-11, first match wins).
+pub fn decide(table: &RoutingTable, ctx: &ClientContext, facts: &RequestFacts, probed: Probed) -> (Upstream, Reason) {
+    if let Some(reason) = before_probe(table, ctx, facts) {
         return (Upstream::Primary, reason);
+    }
+    let probe_needed = needs_probe(table, ctx, facts);
+    let (age, status) = match probed {
+        Probed::Denied => return (Upstream::Primary, Reason::Denied),
+        // The primary lacks the object, so the replica cannot have it either (and must not
+        // serve a copy of what the primary deleted).
+        Probed::Missing => return (Upstream::Primary, Reason::TooYoung),
+        Probed::Failed => return (Upstream::Primary, Reason::AgeUnknown),
+        Probed::NotProbed if probe_needed => return (Upstream::Primary, Reason::AgeUnknown),
+        Probed::NotProbed => (None, None),
+        Probed::Found { age, status } => (age, status),
+    };
+    match status.filter(|_| table.use_status) {
+        Some(ReplicationStatus::Pending | ReplicationStatus::Failed) => {
+            return (Upstream::Primary, Reason::NotReplicated);
+        }
+        Some(ReplicationStatus::Completed) => return (Upstream::Replica, Reason::Replica),
+        None => {}
     }
     if !table.delay.is_zero() {
         match age {
-            Age::Known(a) if a < table.delay => return (Upstream::Primary, Reason::TooYoung),
-            Age::Known(_) => {}
-            // The primary lacks the object, so the replica cannot have it either.
-            Age::Missing => return (Upstream::Primary, Reason::TooYoung),
-            Age::Unknown | Age::NotProbed => return (Upstream::Primary, Reason::AgeUnknown),
+            Some(a) if a < table.delay => return (Upstream::Primary, Reason::TooYoung),
+            Some(_) => {}
+            None => return (Upstream::Primary, Reason::AgeUnknown),
         }
     }
     (Upstream::Replica, Reason::Replica)

@@ -165,6 +165,12 @@ pub struct RoutingTable {
     pub delay: Duration,
     /// Retry replica misses on the primary.
     pub fallback: bool,
+    /// Trust `x-amz-replication-status` over the delay.
+    pub use_status: bool,
+    /// Pass the client's `Host` to the primary (README "Host").
+    pub preserve_host: bool,
+    /// Signing for the replica, when `replica.auth = "sigv4"`.
+    pub signing: Option<ReplicaSigning>,
     /// The primary upstream.
     pub primary: UpstreamTarget,
     /// The replica upstream.
@@ -193,11 +199,25 @@ impl RoutingTable {
             user_query: cfg.identity.user_query.as_deref().map(Box::from),
             delay: cfg.replication.delay,
             fallback: cfg.replication.fallback,
+            use_status: cfg.replication.use_status,
+            preserve_host: cfg.primary.preserve_host,
+            signing: match &cfg.replica.auth {
+                config::Auth::SigV4(s) => Some(ReplicaSigning {
+                    region: Box::from(s.region.as_str()),
+                    host: http::HeaderValue::from_str(&s.host).ok(),
+                }),
+                config::Auth::Pass => None,
+            },
             primary: target(&cfg.primary, cfg.health.path.as_deref()),
             replica: target(&cfg.replica, cfg.health.path.as_deref()),
             generation,
             loaded_at: SystemTime::now(),
         }
+    }
+
+    /// Whether downloads from the replica are signed with mediaroute's own credentials.
+    pub fn signs_replica(&self) -> bool {
+        self.signing.is_some()
     }
 
     /// The mode that applies to `user` (`None` is anonymous).
@@ -245,6 +265,16 @@ fn target(u: &crate::config::UpstreamConfig, global_health_path: Option<&str>) -
     }
 }
 
+/// Where and how the replica's requests are signed (README "Authentication"); the
+/// credentials live outside the table, in `sign::credentials`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaSigning {
+    /// The replica bucket's region.
+    pub region: Box<str>,
+    /// The host signed for and sent as `Host` (validated as a host name).
+    pub host: Option<http::HeaderValue>,
+}
+
 /// Holds the current routing table; requests load it once, reloads swap it whole.
 #[derive(Debug)]
 pub struct Tables {
@@ -263,6 +293,8 @@ pub struct Reloaded {
     pub needs_restart: Vec<&'static str>,
     /// Warnings about the new config (deprecated settings and the like).
     pub warnings: Vec<String>,
+    /// Where the replica's signing credentials now come from, if it is signed.
+    pub credentials: Option<config::CredentialsSource>,
 }
 
 impl Tables {
@@ -298,8 +330,17 @@ impl Tables {
         Ok(Reloaded {
             generation,
             needs_restart: restart_only_changes(&self.started_with, &cfg),
+            credentials: credentials_of(&cfg),
             warnings: cfg.warnings,
         })
+    }
+}
+
+/// Where the replica's signing credentials come from, if it is signed.
+pub fn credentials_of(cfg: &Config) -> Option<config::CredentialsSource> {
+    match &cfg.replica.auth {
+        config::Auth::SigV4(s) => Some(s.credentials.clone()),
+        config::Auth::Pass => None,
     }
 }
 

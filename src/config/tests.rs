@@ -142,8 +142,47 @@ fn users_file_errors_name_that_file() {
 fn not_yet_available_features_are_refused_clearly() {
     let src = GOOD.replace("addr = \"127.0.0.1:8080\"", "addr = \"127.0.0.1:8080\"\nproxy_protocol = true");
     assert!(errors(&src)[0].contains("listen.proxy_protocol: PROXY protocol is not available"));
+}
+
+#[test]
+fn signing_is_for_the_replica_and_needs_a_region_and_a_host() {
+    let replica = "url = \"https://replica.example:8443\"";
+    let with = |lines: &str| GOOD.replace(replica, &format!("{replica}\n{lines}"));
     let src = GOOD.replace("url = \"http://127.0.0.1:9001\"", "url = \"http://127.0.0.1:9001\"\nauth = \"sigv4\"");
-    assert!(errors(&src)[0].contains("primary.auth: request signing"));
+    assert!(errors(&src)[0].contains("primary.auth: the primary is never signed by mediaroute"), "{:?}", errors(&src));
+    let e = errors(&with("auth = \"sigv4\"\nsigning_host = \"b.s3.eu-west-1.amazonaws.com\""));
+    assert!(e[0].contains("replica.region: missing"), "{e:?}");
+    let e = errors(&with("auth = \"sigv4\"\nregion = \"eu-west-1\""));
+    assert!(e[0].contains("replica.signing_host: missing"), "bucket-bound needs the host: {e:?}");
+    let e = errors(&with("auth = \"sigv4\"\nregion = \"EU West\"\nsigning_host = \"x\""));
+    assert!(e[0].contains("replica.region: \"EU West\" is not an AWS region name"), "{e:?}");
+    let e = errors(&with("profile = \"x\""));
+    assert!(e[0].contains("replica.profile: only used with auth = \"sigv4\""), "{e:?}");
+    let e = errors(&with("preserve_host = true"));
+    assert!(e[0].contains("replica.preserve_host: only the primary"), "{e:?}");
+    let e = errors(&with("auth = \"sign\""));
+    assert!(e[0].contains("\"sign\" is not an auth mode"), "{e:?}");
+
+    let cfg = parse_str(&with(
+        "auth = \"sigv4\"\nregion = \"eu-west-1\"\nsigning_host = \"media.s3.eu-west-1.amazonaws.com\"\n\
+         credentials_file = \"keys/aws\"\nprofile = \"mediaroute\"",
+    ))
+    .unwrap();
+    let Auth::SigV4(s) = &cfg.replica.auth else { panic!("{:?}", cfg.replica.auth) };
+    assert_eq!(s.region, "eu-west-1");
+    assert_eq!(s.host, "media.s3.eu-west-1.amazonaws.com");
+    assert_eq!(s.credentials.file.as_deref(), Some(Path::new("/etc/mr/keys/aws")), "relative to the config");
+    assert_eq!(s.credentials.profile.as_deref(), Some("mediaroute"));
+
+    // Path-style: the regional endpoint is the default host.
+    let src = with("auth = \"sigv4\"\nregion = \"eu-west-1\"\nbucket = \"media-eu\"")
+        .replace("url = \"http://127.0.0.1:9001\"", "url = \"http://127.0.0.1:9001\"\nbucket = \"media\"\npreserve_host = true");
+    let cfg = parse_str(&src).unwrap();
+    let Auth::SigV4(s) = &cfg.replica.auth else { panic!() };
+    assert_eq!(s.host, "s3.eu-west-1.amazonaws.com");
+    assert_eq!(s.credentials, CredentialsSource::default(), "the standard chain");
+    assert!(cfg.primary.preserve_host);
+    assert!(cfg.replication.use_status, "use_status defaults to true");
 }
 
 #[test]

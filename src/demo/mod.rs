@@ -106,7 +106,7 @@ pub async fn start(mut cfg: Config) -> Result<Demo, DemoError> {
         Some(a) => Some(bind_or_free(a, "admin", &mut moved).await?),
         None => None,
     };
-    let proxy = server::start_on(cfg.clone(), server::Bound { proxy: proxy_listener, admin })?;
+    let proxy = server::start_on(cfg.clone(), server::Bound { proxy: proxy_listener, admin }).await?;
     Ok(Demo { proxy, primary, replica, config: cfg, moved })
 }
 

@@ -54,7 +54,11 @@ fn ctx(user: Option<&str>, ip: &str) -> ClientContext {
 }
 
 const GET: RequestFacts = RequestFacts { read: true, object: true, replica_down: false };
-const OLD: Age = Age::Known(Duration::from_secs(3600));
+const OLD: Probed = found(3600, None);
+
+const fn found(secs: u64, status: Option<ReplicationStatus>) -> Probed {
+    Probed::Found { age: Some(Duration::from_secs(secs)), status }
+}
 const INSIDE: &str = "10.20.1.2";
 const OUTSIDE: &str = "192.0.2.1";
 
@@ -111,58 +115,104 @@ fn rule5_replica_down() {
 }
 
 #[test]
-fn rule6_too_young() {
-    let young = Age::Known(Duration::from_secs(60));
-    let t = table();
-    assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, young), (Upstream::Primary, Reason::TooYoung));
-    // Exactly `delay` old is old enough.
-    let edge = Age::Known(Duration::from_secs(900));
-    assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, edge).1, Reason::Replica);
-    // Missing on the primary: the replica cannot have it yet.
-    assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, Age::Missing).1, Reason::TooYoung);
-}
-
-#[test]
-fn rule7_age_unknown() {
-    let t = table();
-    for age in [Age::Unknown, Age::NotProbed] {
-        assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, age), (Upstream::Primary, Reason::AgeUnknown));
+fn rule6_denied_by_the_primary() {
+    let got = decide(&table(), &ctx(Some("alice"), INSIDE), &GET, Probed::Denied);
+    assert_eq!(got, (Upstream::Primary, Reason::Denied));
+    let signed = table_with("url = \"http://127.0.0.1:9002\"", SIGNED);
+    for t in [table_with("delay = \"15m\"", "delay = \"0s\""), signed] {
+        assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, Probed::Denied).1, Reason::Denied);
     }
 }
 
 #[test]
-fn rule8_replica() {
+fn rule7_pending_or_failed_stays_on_the_primary_past_the_delay() {
+    let t = table();
+    for status in [ReplicationStatus::Pending, ReplicationStatus::Failed] {
+        let got = decide(&t, &ctx(Some("alice"), INSIDE), &GET, found(86_400, Some(status)));
+        assert_eq!(got, (Upstream::Primary, Reason::NotReplicated), "{status:?}");
+    }
+}
+
+#[test]
+fn rule8_completed_goes_to_the_replica_whatever_the_age() {
+    let t = table();
+    let got = decide(&t, &ctx(Some("alice"), INSIDE), &GET, found(1, Some(ReplicationStatus::Completed)));
+    assert_eq!(got, (Upstream::Replica, Reason::Replica));
+    let no_age = Probed::Found { age: None, status: Some(ReplicationStatus::Completed) };
+    assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, no_age).1, Reason::Replica);
+}
+
+#[test]
+fn without_use_status_the_delay_alone_decides() {
+    let t = table_with("delay = \"15m\"", "delay = \"15m\"\nuse_status = false");
+    let c = ctx(Some("alice"), INSIDE);
+    assert_eq!(decide(&t, &c, &GET, found(1, Some(ReplicationStatus::Completed))).1, Reason::TooYoung);
+    assert_eq!(decide(&t, &c, &GET, found(3600, Some(ReplicationStatus::Pending))).1, Reason::Replica);
+}
+
+#[test]
+fn rule9_too_young() {
+    let t = table();
+    assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, found(60, None)), (Upstream::Primary, Reason::TooYoung));
+    // Exactly `delay` old is old enough.
+    assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, found(900, None)).1, Reason::Replica);
+    // Missing on the primary: the replica cannot have it yet.
+    assert_eq!(decide(&t, &ctx(Some("alice"), INSIDE), &GET, Probed::Missing).1, Reason::TooYoung);
+}
+
+#[test]
+fn rule10_age_unknown() {
+    let t = table();
+    let no_date = Probed::Found { age: None, status: None };
+    for probed in [Probed::Failed, Probed::NotProbed, no_date] {
+        let got = decide(&t, &ctx(Some("alice"), INSIDE), &GET, probed);
+        assert_eq!(got, (Upstream::Primary, Reason::AgeUnknown), "{probed:?}");
+    }
+}
+
+#[test]
+fn rule11_replica() {
     let got = decide(&table(), &ctx(Some("alice"), OUTSIDE), &GET, OLD);
     assert_eq!(got, (Upstream::Replica, Reason::Replica));
 }
 
+/// The replica lines of a signed replica (README "Authentication").
+const SIGNED: &str = "url = \"http://127.0.0.1:9002\"\nauth = \"sigv4\"\nregion = \"eu-west-1\"\nsigning_host = \"media.example\"";
+
 #[test]
-fn zero_delay_needs_no_age() {
+fn zero_delay_needs_no_probe_unless_the_replica_is_signed() {
     let t = table_with("delay = \"15m\"", "delay = \"0s\"");
     let c = ctx(Some("alice"), INSIDE);
-    assert!(!needs_age(&t, &c, &GET));
-    assert_eq!(decide(&t, &c, &GET, Age::NotProbed), (Upstream::Replica, Reason::Replica));
+    assert!(!needs_probe(&t, &c, &GET));
+    assert_eq!(decide(&t, &c, &GET, Probed::NotProbed), (Upstream::Replica, Reason::Replica));
+    let src = BASE.replace("delay = \"15m\"", "delay = \"0s\"").replace("url = \"http://127.0.0.1:9002\"", SIGNED);
+    let cfg = config::parse(Path::new("/etc/m.toml"), &src, &|_: &Path| Ok(USERS_FILE.to_string())).unwrap();
+    let signed = RoutingTable::build(&cfg, 1);
+    assert!(needs_probe(&signed, &c, &GET), "a signed replica needs the primary's word first");
+    assert_eq!(decide(&signed, &c, &GET, Probed::NotProbed).1, Reason::AgeUnknown, "no probe, no signing");
+    assert_eq!(decide(&signed, &c, &GET, Probed::Found { age: None, status: None }).1, Reason::Replica);
+    assert_eq!(decide(&signed, &c, &GET, Probed::Missing).1, Reason::TooYoung);
 }
 
 #[test]
-fn age_is_only_needed_when_rules_1_to_5_pass() {
+fn the_probe_is_only_needed_when_rules_1_to_5_pass() {
     let t = table();
-    assert!(needs_age(&t, &ctx(Some("alice"), INSIDE), &GET));
-    assert!(!needs_age(&t, &ctx(Some("carol"), INSIDE), &GET));
-    assert!(!needs_age(&t, &ctx(Some("bob"), OUTSIDE), &GET));
-    assert!(!needs_age(&t, &ctx(Some("alice"), INSIDE), &RequestFacts { read: false, ..GET }));
+    assert!(needs_probe(&t, &ctx(Some("alice"), INSIDE), &GET));
+    assert!(!needs_probe(&t, &ctx(Some("carol"), INSIDE), &GET));
+    assert!(!needs_probe(&t, &ctx(Some("bob"), OUTSIDE), &GET));
+    assert!(!needs_probe(&t, &ctx(Some("alice"), INSIDE), &RequestFacts { read: false, ..GET }));
 }
 
 #[test]
 fn rules_apply_in_order() {
     // A write from a `no` user outside the networks is a write first.
     let facts = RequestFacts { read: false, object: false, replica_down: true };
-    assert_eq!(decide(&table(), &ctx(Some("bob"), OUTSIDE), &facts, Age::Unknown).1, Reason::Write);
+    assert_eq!(decide(&table(), &ctx(Some("bob"), OUTSIDE), &facts, Probed::Failed).1, Reason::Write);
     let facts = RequestFacts { object: false, replica_down: true, ..GET };
-    assert_eq!(decide(&table(), &ctx(Some("carol"), OUTSIDE), &facts, Age::Unknown).1, Reason::NotObject);
+    assert_eq!(decide(&table(), &ctx(Some("carol"), OUTSIDE), &facts, Probed::Failed).1, Reason::NotObject);
     let facts = RequestFacts { replica_down: true, ..GET };
-    assert_eq!(decide(&table(), &ctx(Some("bob"), OUTSIDE), &facts, Age::Unknown).1, Reason::OutsideNetworks);
-    assert_eq!(decide(&table(), &ctx(Some("alice"), OUTSIDE), &facts, Age::Unknown).1, Reason::ReplicaDown);
+    assert_eq!(decide(&table(), &ctx(Some("bob"), OUTSIDE), &facts, Probed::Failed).1, Reason::OutsideNetworks);
+    assert_eq!(decide(&table(), &ctx(Some("alice"), OUTSIDE), &facts, Probed::Failed).1, Reason::ReplicaDown);
 }
 
 #[test]

@@ -19,6 +19,7 @@ use crate::config::{Config, ConfigErrors, Limits};
 use crate::idle::{IdleIo, idle_for, no_request_within};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::sign::credentials::Keys;
 use crate::table::{Reloaded, Tables};
 use crate::{admin, upstream};
 
@@ -98,11 +99,15 @@ pub async fn bind_one(addr: SocketAddr) -> Result<TcpListener, ServerError> {
 /// Binds the listeners from `cfg` and starts serving in the background.
 pub async fn start(cfg: Config) -> Result<Running, ServerError> {
     let bound = bind(&cfg).await?;
-    start_on(cfg, bound)
+    start_on(cfg, bound).await
 }
 
+/// How long start-up and reloads wait for the first credentials before going on without
+/// them (downloads then stay on the primary until they arrive).
+pub const CREDENTIALS_FIRST_WAIT: Duration = Duration::from_secs(5);
+
 /// Starts serving on listeners bound by the caller (inside a Tokio runtime).
-pub fn start_on(cfg: Config, bound: Bound) -> Result<Running, ServerError> {
+pub async fn start_on(cfg: Config, bound: Bound) -> Result<Running, ServerError> {
     let addr_of = |l: &TcpListener, configured: SocketAddr| {
         l.local_addr().map_err(|source| ServerError::Bind { addr: configured, source })
     };
@@ -120,7 +125,11 @@ pub fn start_on(cfg: Config, bound: Bound) -> Result<Running, ServerError> {
     let metrics = Arc::new(Metrics::new());
     let tables = Arc::new(Tables::new(cfg.clone()));
     metrics.set_generation(tables.current().generation);
-    let proxy = Arc::new(Proxy::new(&cfg, Arc::clone(&tables), metrics));
+    let keys = match crate::table::credentials_of(&cfg) {
+        Some(source) => Some(Keys::start(source, Arc::clone(&metrics), CREDENTIALS_FIRST_WAIT).await),
+        None => None,
+    };
+    let proxy = Arc::new(Proxy::new(&cfg, Arc::clone(&tables), metrics, keys));
     let mut background =
         vec![tokio::spawn(upstream::check_loop(Arc::clone(proxy.upstreams()), tables, cfg.health.clone()))];
     let admin_addr = admin.map(|(l, a)| {

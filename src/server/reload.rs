@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use crate::config::{ConfigError, ConfigErrors};
 use crate::proxy::Proxy;
+use crate::server::CREDENTIALS_FIRST_WAIT;
+use crate::sign::credentials::Keys;
 use crate::signals::Hangups;
 use crate::table::{Reloaded, Upstream};
 
@@ -30,8 +32,8 @@ pub async fn reload(proxy: &Proxy) -> Result<Reloaded, ConfigErrors> {
             proxy.metrics().reload(Some(r.generation));
             let after = proxy.tables().current();
             if !before.primary.same_place(&after.primary) {
-                // Ages were learned from the old primary; they say nothing of the new one.
-                proxy.ages().clear();
+                // Facts were learned from the old primary; they say nothing of the new one.
+                proxy.facts().clear();
             }
             for u in [Upstream::Primary, Upstream::Replica] {
                 let (old, new) = (before.target(u), after.target(u));
@@ -39,6 +41,9 @@ pub async fn reload(proxy: &Proxy) -> Result<Reloaded, ConfigErrors> {
                     // What was learned about the old address says nothing about the new one.
                     proxy.upstreams().health(u).reset();
                 }
+            }
+            if let Some(source) = r.credentials.clone() {
+                reload_credentials(proxy, source).await;
             }
             tracing::info!(generation = r.generation, path = %proxy.tables().path().display(), "configuration reloaded");
             for w in &r.warnings {
@@ -56,6 +61,20 @@ pub async fn reload(proxy: &Proxy) -> Result<Reloaded, ConfigErrors> {
         }
     }
     result
+}
+
+/// Re-reads mediaroute's own credentials (README "Authentication"): a failure keeps the
+/// old ones until they expire; the credentials module logs and counts it.
+async fn reload_credentials(proxy: &Proxy, source: crate::config::CredentialsSource) {
+    match proxy.keys() {
+        Some(keys) => {
+            let _ = keys.reload(source).await;
+        }
+        None => {
+            let keys = Keys::start(source, Arc::clone(proxy.metrics()), CREDENTIALS_FIRST_WAIT).await;
+            proxy.set_keys(keys);
+        }
+    }
 }
 
 /// Reloads on every SIGHUP until signals end; `around` is told before (`true`) and after.
