@@ -9,7 +9,7 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::HeaderMap;
 use mediaroute::client;
-use mediaroute::route::{Age, ClientContext, RequestFacts, decide};
+use mediaroute::route::{ClientContext, Probed, RequestFacts, decide};
 use mediaroute::table::RoutingTable;
 
 const GET: RequestFacts = RequestFacts { read: true, object: true, replica_down: false };
@@ -21,7 +21,7 @@ fn ctx(user: &str, ip: &str) -> ClientContext {
 fn bench_decide(c: &mut Criterion) {
     let cfg = fixtures::big_config(100_000, 10_000);
     let table = RoutingTable::build(&cfg, 1);
-    let old = Age::Known(Duration::from_secs(86_400));
+    let old = Probed::Found { age: Some(Duration::from_secs(86_400)), status: None };
     let cases = [
         ("yes_user", ctx("user000001", "192.0.2.1")),
         ("auto_v4_hit", ctx("user000002", "10.3.4.77")),

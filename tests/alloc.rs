@@ -7,7 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use mediaroute::route::{Age, ClientContext, RequestFacts, decide};
+use mediaroute::route::{ClientContext, Probed, RequestFacts, decide};
 use mediaroute::table::RoutingTable;
 
 struct Counting;
@@ -45,7 +45,9 @@ fn decide_does_not_allocate() {
     let before = ALLOCATIONS.load(Ordering::SeqCst);
     for _ in 0..1000 {
         for c in &contexts {
-            for age in [Age::Known(Duration::from_secs(86_400)), Age::Known(Duration::ZERO), Age::Unknown] {
+            let old = Probed::Found { age: Some(Duration::from_secs(86_400)), status: None };
+            let young = Probed::Found { age: Some(Duration::ZERO), status: None };
+            for age in [old, young, Probed::Failed] {
                 replicas += usize::from(decide(&table, c, &facts, age).0 == mediaroute::table::Upstream::Replica);
             }
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 use mediaroute::config;
-use mediaroute::route::{self, Age, ClientContext, Reason, RequestFacts};
+use mediaroute::route::{self, ClientContext, Probed, Reason, ReplicationStatus, RequestFacts};
 use mediaroute::table::{RoutingTable, Upstream};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
@@ -191,15 +191,20 @@ proptest! {
         read in any::<bool>(),
         object in any::<bool>(),
         replica_down in any::<bool>(),
-        age in prop::sample::select(vec![
-            Age::NotProbed, Age::Missing, Age::Unknown,
-            Age::Known(Duration::from_secs(10)), Age::Known(Duration::from_secs(86_400)),
+        probed in prop::sample::select(vec![
+            Probed::NotProbed, Probed::Missing, Probed::Failed, Probed::Denied,
+            Probed::Found { age: Some(Duration::from_secs(10)), status: None },
+            Probed::Found { age: Some(Duration::from_secs(86_400)), status: None },
+            Probed::Found { age: None, status: None },
+            Probed::Found { age: Some(Duration::from_secs(10)), status: Some(ReplicationStatus::Completed) },
+            Probed::Found { age: Some(Duration::from_secs(86_400)), status: Some(ReplicationStatus::Pending) },
+            Probed::Found { age: Some(Duration::from_secs(86_400)), status: Some(ReplicationStatus::Failed) },
         ]),
     ) {
         let t = table(true, default_mode);
         let ctx = ClientContext { ip: ip.parse().unwrap(), user: user.map(Box::from) };
         let facts = RequestFacts { read, object, replica_down };
-        let (upstream, reason) = route::decide(&t, &ctx, &facts, age);
+        let (upstream, reason) = route::decide(&t, &ctx, &facts, probed);
         let mode = t.mode_of(user);
         if upstream == Upstream::Replica {
             prop_assert!(read, "a write never goes to the replica");
@@ -209,7 +214,13 @@ proptest! {
             if mode == config::Mode::Auto {
                 prop_assert!(t.networks.contains(ctx.ip), "auto only inside the networks");
             }
-            prop_assert!(matches!(age, Age::Known(a) if a >= t.delay), "only objects known to be old enough");
+            let Probed::Found { age, status } = probed else {
+                return Err(TestCaseError::fail(format!("only objects the primary let this client read: {probed:?}")));
+            };
+            match status {
+                Some(s) => prop_assert_eq!(s, ReplicationStatus::Completed, "never an unreplicated object"),
+                None => prop_assert!(age.is_some_and(|a| a >= t.delay), "only objects known to be old enough"),
+            }
             prop_assert_eq!(reason, Reason::Replica);
         } else {
             prop_assert_ne!(reason, Reason::Replica);

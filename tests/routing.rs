@@ -227,17 +227,18 @@ async fn cleartext_http2_uploads_stream_to_the_primary() {
 }
 
 #[tokio::test]
-async fn the_age_probe_carries_the_clients_credentials_but_not_its_identity() {
-    // The primary only answers HEAD for the right credentials, and refuses any request
-    // that still carries the identity header.
+async fn the_probe_is_the_clients_own_get_with_its_credentials_but_not_its_identity() {
+    // The primary answers the probe only as the client's own GET for one byte (a signature
+    // covers the method), with the right credentials and without the identity header.
     let primary = serve_fn(loopback0(), |req: http::Request<hyper::body::Incoming>| async move {
         let h = req.headers();
         let ok = h.get("authorization").is_some_and(|v| v == "AWS4-HMAC-SHA256 Credential=studio")
             && h.get("x-forwarded-user").is_none()
-            && h.get("range").is_none();
-        let mut r = http::Response::new(full("primary"));
-        if req.method() == http::Method::HEAD {
+            && req.method() == http::Method::GET;
+        let mut r = http::Response::new(full("p"));
+        if h.get("range").is_some_and(|v| v == "bytes=0-0") {
             if ok {
+                *r.status_mut() = http::StatusCode::PARTIAL_CONTENT;
                 r.headers_mut().insert("last-modified", "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
             } else {
                 *r.status_mut() = http::StatusCode::FORBIDDEN;
