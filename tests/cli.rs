@@ -105,3 +105,24 @@ async fn the_demo_tour_shows_every_outcome() {
         assert!(tour.contains(expected), "missing {expected:?} in\n{tour}");
     }
 }
+
+#[test]
+fn explain_shows_what_a_replication_status_does() {
+    let cfg = example();
+    let ask = |status: &str| {
+        let (code, out, err) = mediaroute(&[
+            "explain", "--config", &cfg, "--user", "alice", "--ip", "10.20.1.2", "--age", "1m", "--status", status,
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+        out
+    };
+    let pending = ask("PENDING");
+    assert!(pending.contains("upstream: primary") && pending.contains("reason:   not-replicated"), "{pending}");
+    assert!(pending.contains("status:   PENDING (replication.use_status = true"), "{pending}");
+    assert!(ask("FAILED").contains("reason:   not-replicated"));
+    let completed = ask("completed");
+    assert!(completed.contains("upstream: replica") && completed.contains("reason:   replica"), "young but COMPLETED: {completed}");
+    let (code, _, err) = mediaroute(&["explain", "--config", &cfg, "--ip", "10.20.1.2", "--status", "DONE"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("\"DONE\" is not a replication status"), "{err}");
+}
