@@ -126,3 +126,14 @@ fn explain_shows_what_a_replication_status_does() {
     assert_eq!(code, 2);
     assert!(err.contains("\"DONE\" is not a replication status"), "{err}");
 }
+
+#[test]
+fn check_accepts_the_sigv4_example() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/mediaroute-sigv4.toml");
+    let (code, out, err) = mediaroute(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) =
+        mediaroute(&["explain", "--config", path.to_str().unwrap(), "--user", "alice", "--ip", "10.20.1.2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("signing:  sigv4 for s3.eu-west-1.amazonaws.com in eu-west-1"), "{out}");
+}
