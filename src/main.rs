@@ -78,12 +78,11 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(cli.config.as_deref()),
         Command::Check => return check(cli.config.as_deref()),
-        Command::Explain { user, ip, method, path, age, status, replica_down } => {
-            with_config(cli.config.as_deref()).map(|cfg| {
+        Command::Explain { user, ip, method, path, age, status, replica_down } => with_config(cli.config.as_deref())
+            .map(|cfg| {
                 let q = explain::Question { user, ip, method, path, age, status, replica_down };
                 print!("{}", explain::explain(&cfg, &q));
-            })
-        }
+            }),
         Command::Demo => run_demo(cli.config.as_deref()),
     };
     match result {

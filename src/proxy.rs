@@ -419,7 +419,15 @@ impl Proxy {
             .build()
             .map_err(|_| SignError::Unsignable("the request path cannot be forwarded".to_string()))?;
         let (mut parts, body) = req.into_parts();
-        sign::sign_for_replica(&parts.method, &uri, &mut parts.headers, host, &signing.region, &creds, SystemTime::now())?;
+        sign::sign_for_replica(
+            &parts.method,
+            &uri,
+            &mut parts.headers,
+            host,
+            &signing.region,
+            &creds,
+            SystemTime::now(),
+        )?;
         parts.uri = uri;
         req = Request::from_parts(parts, body);
         Ok(req)
@@ -436,7 +444,8 @@ impl Proxy {
                 None => Cow::Borrowed(out.path),
             };
             let now = SystemTime::now();
-            let remembered = self.presigned.allowed(&out.method, &target, now).then(|| self.facts.cached(key, table.delay));
+            let remembered =
+                self.presigned.allowed(&out.method, &target, now).then(|| self.facts.cached(key, table.delay));
             match remembered.flatten() {
                 Some(known) => known,
                 None => {

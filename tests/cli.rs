@@ -111,7 +111,17 @@ fn explain_shows_what_a_replication_status_does() {
     let cfg = example();
     let ask = |status: &str| {
         let (code, out, err) = mediaroute(&[
-            "explain", "--config", &cfg, "--user", "alice", "--ip", "10.20.1.2", "--age", "1m", "--status", status,
+            "explain",
+            "--config",
+            &cfg,
+            "--user",
+            "alice",
+            "--ip",
+            "10.20.1.2",
+            "--age",
+            "1m",
+            "--status",
+            status,
         ]);
         assert_eq!(code, 0, "{out}{err}");
         out
@@ -121,7 +131,10 @@ fn explain_shows_what_a_replication_status_does() {
     assert!(pending.contains("status:   PENDING (replication.use_status = true"), "{pending}");
     assert!(ask("FAILED").contains("reason:   not-replicated"));
     let completed = ask("completed");
-    assert!(completed.contains("upstream: replica") && completed.contains("reason:   replica"), "young but COMPLETED: {completed}");
+    assert!(
+        completed.contains("upstream: replica") && completed.contains("reason:   replica"),
+        "young but COMPLETED: {completed}"
+    );
     let (code, _, err) = mediaroute(&["explain", "--config", &cfg, "--ip", "10.20.1.2", "--status", "DONE"]);
     assert_eq!(code, 2);
     assert!(err.contains("\"DONE\" is not a replication status"), "{err}");

@@ -103,9 +103,11 @@ impl S3 {
 
 /// The access key id a request was signed with.
 fn key_id<B>(req: &http::Request<B>) -> Option<String> {
-    let from_header = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|a| {
-        Some(a.split_once("Credential=")?.1.split('/').next()?.to_string())
-    });
+    let from_header = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|a| Some(a.split_once("Credential=")?.1.split('/').next()?.to_string()));
     let from_query = || {
         req.uri().query()?.split('&').find_map(|p| {
             let v = p.strip_prefix("X-Amz-Credential=")?;
@@ -298,7 +300,8 @@ async fn a_client_the_primary_refuses_never_reaches_the_replica() {
     let wrong = ("AKIDCLIENT", "not-the-secret");
     let target = sdk_path(PB, "secret.mov");
     let host = rig.primary.addr.to_string();
-    let expired = Signed::Presigned { at: SystemTime::now() - Duration::from_secs(7200), lasts: Duration::from_secs(60) };
+    let expired =
+        Signed::Presigned { at: SystemTime::now() - Duration::from_secs(7200), lasts: Duration::from_secs(60) };
     let refused = [
         signed_request("GET", &host, &target, &[], wrong, Signed::Header),
         signed_request("HEAD", &host, &target, &[], wrong, Signed::Header),
@@ -321,7 +324,10 @@ async fn a_client_the_primary_refuses_never_reaches_the_replica() {
     assert!(rig.replica.seen().is_empty(), "the replica saw: {:?}", rig.replica.seen());
     let m = rig.metrics();
     assert_eq!(metric(&m, "mediaroute_probes_total{result=\"denied\"}"), 6.0, "{m}");
-    assert_eq!(metric(&m, "mediaroute_requests_total{upstream=\"primary\",reason=\"denied\",status_class=\"4xx\"}"), 6.0);
+    assert_eq!(
+        metric(&m, "mediaroute_requests_total{upstream=\"primary\",reason=\"denied\",status_class=\"4xx\"}"),
+        6.0
+    );
 }
 
 #[tokio::test]

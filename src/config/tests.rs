@@ -175,8 +175,10 @@ fn signing_is_for_the_replica_and_needs_a_region_and_a_host() {
     assert_eq!(s.credentials.profile.as_deref(), Some("mediaroute"));
 
     // Path-style: the regional endpoint is the default host.
-    let src = with("auth = \"sigv4\"\nregion = \"eu-west-1\"\nbucket = \"media-eu\"")
-        .replace("url = \"http://127.0.0.1:9001\"", "url = \"http://127.0.0.1:9001\"\nbucket = \"media\"\npreserve_host = true");
+    let src = with("auth = \"sigv4\"\nregion = \"eu-west-1\"\nbucket = \"media-eu\"").replace(
+        "url = \"http://127.0.0.1:9001\"",
+        "url = \"http://127.0.0.1:9001\"\nbucket = \"media\"\npreserve_host = true",
+    );
     let cfg = parse_str(&src).unwrap();
     let Auth::SigV4(s) = &cfg.replica.auth else { panic!() };
     assert_eq!(s.host, "s3.eu-west-1.amazonaws.com");

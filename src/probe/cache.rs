@@ -44,10 +44,9 @@ impl Learned {
     /// What the routing rules see of this at `now`.
     pub fn at(self, now: SystemTime) -> Probed {
         match self {
-            Learned::Found { modified, status } => Probed::Found {
-                age: modified.map(|t| now.duration_since(t).unwrap_or(Duration::ZERO)),
-                status,
-            },
+            Learned::Found { modified, status } => {
+                Probed::Found { age: modified.map(|t| now.duration_since(t).unwrap_or(Duration::ZERO)), status }
+            }
             Learned::Missing => Probed::Missing,
             Learned::Denied => Probed::Denied,
             Learned::Failed => Probed::Failed,
@@ -161,7 +160,12 @@ pub struct FactsCache {
 impl FactsCache {
     /// A cache holding at most `capacity` objects; replication lags go to `metrics`.
     pub fn new(capacity: usize, metrics: Arc<Metrics>) -> FactsCache {
-        FactsCache { slots: Mutex::new(Slots::default()), capacity: capacity.max(1), hasher: RandomState::new(), metrics }
+        FactsCache {
+            slots: Mutex::new(Slots::default()),
+            capacity: capacity.max(1),
+            hasher: RandomState::new(),
+            metrics,
+        }
     }
 
     /// Number of objects remembered (including probes in flight).
@@ -330,8 +334,7 @@ impl FactsCache {
     /// Puts `fresh` in the place of `path` and `version` (carrying over a `PENDING`
     /// sighting), making room if the cache is full.
     fn replace(&self, slots: &mut Slots, path: Hashed, version: Option<Hashed>, fresh: Arc<Slot>) -> Arc<Slot> {
-        if let Some((_, slot)) =
-            slots.by_path.get_mut(&path).and_then(|vs| vs.iter_mut().find(|(v, _)| *v == version))
+        if let Some((_, slot)) = slots.by_path.get_mut(&path).and_then(|vs| vs.iter_mut().find(|(v, _)| *v == version))
         {
             let next = Arc::new(Slot::after(slot));
             *slot = Arc::clone(&next);

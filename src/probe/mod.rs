@@ -75,9 +75,8 @@ pub fn probe_headers(method: &Method, headers: &HeaderMap, query: Option<&str>) 
 
 /// What the primary's answer to a probe says, and its metric label.
 pub fn read_answer(status: StatusCode, headers: &HeaderMap) -> (Learned, ProbeResult) {
-    let allowed = status.is_success()
-        || status == StatusCode::NOT_MODIFIED
-        || status == StatusCode::RANGE_NOT_SATISFIABLE;
+    let allowed =
+        status.is_success() || status == StatusCode::NOT_MODIFIED || status == StatusCode::RANGE_NOT_SATISFIABLE;
     match status {
         _ if allowed => {
             let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());

@@ -177,7 +177,8 @@ fn rule11_replica() {
 }
 
 /// The replica lines of a signed replica (README "Authentication").
-const SIGNED: &str = "url = \"http://127.0.0.1:9002\"\nauth = \"sigv4\"\nregion = \"eu-west-1\"\nsigning_host = \"media.example\"";
+const SIGNED: &str =
+    "url = \"http://127.0.0.1:9002\"\nauth = \"sigv4\"\nregion = \"eu-west-1\"\nsigning_host = \"media.example\"";
 
 #[test]
 fn zero_delay_needs_no_probe_unless_the_replica_is_signed() {

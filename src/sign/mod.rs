@@ -65,10 +65,11 @@ pub fn s3_encoded_path(path: &str) -> String {
     let mut out = String::with_capacity(path.len() + 16);
     let mut i = 0;
     while i < bytes.len() {
-        let (b, used) = match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
-            (b'%', Some(hi), Some(lo)) => (hi << 4 | lo, 3),
-            (b, _, _) => (b, 1),
-        };
+        let (b, used) =
+            match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+                (b'%', Some(hi), Some(lo)) => (hi << 4 | lo, 3),
+                (b, _, _) => (b, 1),
+            };
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
             out.push(b as char);
         } else {
@@ -101,7 +102,8 @@ pub fn sign_for_replica(
         headers.remove(name);
     }
     headers.insert(header::HOST, host.clone());
-    let signable_uri = format!("https://{}{}", host.to_str().unwrap_or(""), uri.path_and_query().map_or("/", |p| p.as_str()));
+    let signable_uri =
+        format!("https://{}{}", host.to_str().unwrap_or(""), uri.path_and_query().map_or("/", |p| p.as_str()));
     let covered = headers.iter().filter(|(name, _)| signed(name)).map(|(n, v)| (n.as_str(), v.to_str()));
     let mut pairs = Vec::with_capacity(8);
     for (name, value) in covered {
@@ -201,12 +203,14 @@ mod tests {
         let auth = headers[header::AUTHORIZATION].to_str().unwrap();
         assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDREPLICA/"), "{auth}");
         assert!(auth.contains("/eu-west-1/s3/aws4_request"), "{auth}");
-        assert!(auth.contains("SignedHeaders=host;range;x-amz-content-sha256;x-amz-date;x-amz-security-token"), "{auth}");
+        assert!(
+            auth.contains("SignedHeaders=host;range;x-amz-content-sha256;x-amz-date;x-amz-security-token"),
+            "{auth}"
+        );
         assert_eq!(headers["x-amz-security-token"], "token");
         assert_ne!(headers["x-amz-date"], "20200101T000000Z");
         assert_eq!(
-            headers["x-amz-content-sha256"],
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            headers["x-amz-content-sha256"], "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
             "the empty payload's hash"
         );
         assert_eq!(headers[header::HOST], "s3.eu-west-1.amazonaws.com");
