@@ -11,6 +11,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -18,7 +19,7 @@ use arc_swap::ArcSwapOption;
 use aws_config::BehaviorVersion;
 use aws_config::default_provider::credentials::DefaultCredentialsChain;
 use aws_config::environment::region::EnvironmentVariableRegionProvider;
-use aws_config::meta::region::{ProvideRegion, RegionProviderChain};
+use aws_config::meta::region::RegionProviderChain;
 #[allow(deprecated)] // aws-config's names for aws-runtime's EnvConfigFiles, not a dependency here.
 use aws_config::profile::profile_file::{ProfileFileKind, ProfileFiles};
 use aws_config::profile::{ProfileFileCredentialsProvider, ProfileFileRegionProvider};
@@ -94,6 +95,8 @@ struct Inner {
     source: tokio::sync::Mutex<Source>,
     /// A reload installed new credentials: the background task reschedules.
     reloaded: Notify,
+    /// Counts reloads, so that a refresh that waited for one does not load again.
+    generation: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -114,10 +117,11 @@ impl Keys {
             refresh_at: Mutex::new(None),
             source: tokio::sync::Mutex::new(Source::new(source)),
             reloaded: Notify::new(),
+            generation: AtomicU64::new(0),
             metrics,
         });
         inner.metrics.set_credentials_expiry(None);
-        let failures = u32::from(inner.refresh(first_wait).await.is_err());
+        let failures = u32::from(inner.refresh(first_wait, 0).await.is_err());
         let task = tokio::spawn(run(Arc::clone(&inner), failures));
         Arc::new(Keys { inner, task })
     }
@@ -135,7 +139,7 @@ impl Keys {
 
     /// Re-reads from `source` (SIGHUP): a new source replaces the provider; a failure keeps
     /// the old credentials (until they expire), logs and counts. Returns Err with a message
-    /// that never contains a secret.
+    /// that never contains a secret. Waits at most 30 s for the source.
     pub async fn reload(&self, source: CredentialsSource) -> Result<(), CredentialsError> {
         let mut fresh = Source::new(source);
         let loaded = fresh.load(LOAD_TIMEOUT).await;
@@ -147,6 +151,7 @@ impl Keys {
         // Waits for a refresh in progress, so that its result cannot replace these.
         let mut in_use = inner.source.lock().await;
         *in_use = fresh;
+        inner.generation.fetch_add(1, Ordering::SeqCst);
         inner.install(creds, obtained, &in_use.from);
         drop(in_use);
         inner.reloaded.notify_one();
@@ -173,9 +178,13 @@ impl fmt::Debug for Keys {
 
 impl Inner {
     /// One load from the source in use, waiting at most `wait`; counted, logged, and
-    /// installed when it brought usable credentials.
-    async fn refresh(&self, wait: Duration) -> Result<(), CredentialsError> {
+    /// installed when it brought usable credentials. Nothing to do when a reload has
+    /// loaded since `generation`.
+    async fn refresh(&self, wait: Duration, generation: u64) -> Result<(), CredentialsError> {
         let mut source = self.source.lock().await;
+        if self.generation.load(Ordering::SeqCst) != generation {
+            return Ok(());
+        }
         let loaded = source.load(wait).await.and_then(|(creds, obtained)| {
             // aws-config's IMDS provider answers a failure with the last credentials it had.
             let old = self.current.load();
@@ -185,6 +194,11 @@ impl Inner {
             }
         });
         self.metrics.credential_refresh(loaded.is_ok());
+        if loaded.is_err() {
+            // Built again for the next attempt: aws-config's providers keep what they read
+            // (files, environment, the last answer) for as long as they live.
+            source.provider = None;
+        }
         match loaded {
             Ok((creds, obtained)) => {
                 self.install(creds, obtained, &source.from);
@@ -208,7 +222,8 @@ impl Inner {
             let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
             Instant::now() + left.saturating_sub(REFRESH_AHEAD.min(lifetime / 2))
         });
-        tracing::info!(from, access_key_id = creds.access_key_id(), expiry = ?creds.expiry(), "AWS credentials loaded");
+        let expires = creds.expiry().map_or_else(|| "never".to_string(), httpdate::fmt_http_date);
+        tracing::info!(from, access_key_id = creds.access_key_id(), expires, "AWS credentials loaded");
         self.metrics.set_credentials_expiry(creds.expiry());
         self.current.store(Some(Arc::new(creds)));
         *self.refresh_at.lock().unwrap_or_else(PoisonError::into_inner) = refresh_at;
@@ -236,6 +251,7 @@ impl Inner {
 /// expiry of the credentials in use), and starts over after a reload.
 async fn run(inner: Arc<Inner>, mut failures: u32) {
     loop {
+        let generation = inner.generation.load(Ordering::SeqCst);
         let wake = if failures == 0 {
             *inner.refresh_at.lock().unwrap_or_else(PoisonError::into_inner)
         } else {
@@ -251,7 +267,7 @@ async fn run(inner: Arc<Inner>, mut failures: u32) {
             () = sleep_until(wake) => {}
         }
         inner.forget_expired();
-        match inner.refresh(LOAD_TIMEOUT).await {
+        match inner.refresh(LOAD_TIMEOUT, generation).await {
             Ok(()) => failures = 0,
             Err(_) => {
                 failures = failures.saturating_add(1);
@@ -345,5 +361,6 @@ fn error_chain(error: &(dyn StdError + 'static)) -> String {
         }
         cause = e.source();
     }
-    text
+    // One log line: aws-config lists what each source of the chain said on lines of their own.
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }
