@@ -14,8 +14,8 @@ use hyper::body::Incoming;
 use tokio::sync::Notify;
 
 use crate::access::AccessRecord;
-use crate::probe::Writing;
 use crate::idle::Activity;
+use crate::probe::Writing;
 
 /// A failure on the client's side of an exchange: never an upstream failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
