@@ -451,7 +451,8 @@ impl Proxy {
                 None => {
                     let learned = self.facts.own(key, run).await;
                     if matches!(learned, Learned::Found { .. }) {
-                        self.presigned.remember(&out.method, &target, out.query.as_deref(), now);
+                        let authorized = out.headers.contains_key(header::AUTHORIZATION);
+                        self.presigned.remember(&out.method, &target, out.query.as_deref(), authorized, now);
                     }
                     learned
                 }

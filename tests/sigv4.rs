@@ -433,3 +433,29 @@ async fn a_presigned_urls_success_is_remembered_until_it_expires() {
     assert_eq!((a.status, a.upstream.as_str(), a.reason.as_str()), (403, "primary", "denied"), "{a:?}");
     assert!(rig.replica.seen().len() == 5, "the expired URL never reached the replica");
 }
+
+#[tokio::test]
+async fn only_true_presigned_urls_are_remembered() {
+    let rig = Rig::new("delay = \"15m\"", MEDIAROUTE_KEY.1, "").await;
+    rig.media("f.mov");
+    // A header-signed request whose query merely looks presigned is never remembered: the
+    // same target without the header must be refused by the primary again.
+    // (Lower-case names: the primary ignores them and accepts the header signature.)
+    let fake = "?x-amz-algorithm=AWS4-HMAC-SHA256&x-amz-credential=x&x-amz-signature=z\
+                &x-amz-date=20991231T000000Z&x-amz-expires=604800&x-amz-signedheaders=host";
+    let target = format!("{}{fake}", sdk_path(PB, "f.mov"));
+    let host = rig.primary.addr.to_string();
+    let first = signed_request("GET", &host, &target, &[], CLIENT_KEY, Signed::Header);
+    let a = send_via(rig.proxy.addr, first).await;
+    assert_eq!((a.status, a.upstream.as_str()), (200, "replica"), "{a:?}");
+    let bare = get_via(rig.proxy.addr, &target, "alice").await;
+    assert_eq!((bare.status, bare.upstream.as_str(), bare.reason.as_str()), (403, "primary", "denied"), "{bare:?}");
+    // A URL that signs a Range is not remembered: its Range is not in its target.
+    let ranged = rig.signed("GET", "f.mov", &[("range", "bytes=0-1")], presigned_now());
+    let a = send_via(rig.proxy.addr, ranged).await;
+    assert_eq!((a.status, a.upstream.as_str()), (206, "replica"));
+    let before = rig.primary.seen().len();
+    let a = send_via(rig.proxy.addr, rig.signed("GET", "f.mov", &[("range", "bytes=0-1")], presigned_now())).await;
+    assert_eq!(a.upstream, "replica");
+    assert_eq!(rig.primary.seen().len(), before + 1, "probed again");
+}

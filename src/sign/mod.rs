@@ -39,14 +39,18 @@ const CLIENT_CREDENTIALS: [HeaderName; 4] = [
     HeaderName::from_static("x-amz-content-sha256"),
 ];
 
+/// Query parameters of a SigV2 presigned URL, the client's too.
+const SIGV2_PRESIGN: [&str; 3] = ["AWSAccessKeyId", "Signature", "Expires"];
+
 /// The replica request's path and query: the path in S3's canonical encoding, the query
-/// without the client's presign parameters (`X-Amz-*`).
+/// without the client's presign parameters (`X-Amz-*`, and SigV2's).
 pub fn replica_target(path: &str, query: Option<&str>) -> String {
     let mut out = s3_encoded_path(path);
     let mut first = true;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let name = pair.split_once('=').map_or(pair, |(n, _)| n);
-        if name.len() >= 6 && name[..6].eq_ignore_ascii_case("x-amz-") {
+        let amz = name.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("x-amz-"));
+        if amz || SIGV2_PRESIGN.contains(&name) {
             continue;
         }
         out.push(if first { '?' } else { '&' });
@@ -56,8 +60,9 @@ pub fn replica_target(path: &str, query: Option<&str>) -> String {
     out
 }
 
-/// `path` decoded once (`%XX`; `+` is a plus in a path) and encoded again as S3 signs it:
-/// every byte but `A-Z a-z 0-9 - . _ ~` and `/` as `%XX`. A broken escape is a literal `%`.
+/// `path` decoded once as S3 decodes it (`%XX`, and a literal `+` is a space: S3's
+/// long-standing reading of a path) and encoded again as S3 signs it: every byte but
+/// `A-Z a-z 0-9 - . _ ~` and `/` as `%XX`. A broken escape is a literal `%`.
 pub fn s3_encoded_path(path: &str) -> String {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
@@ -68,6 +73,7 @@ pub fn s3_encoded_path(path: &str) -> String {
         let (b, used) =
             match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
                 (b'%', Some(hi), Some(lo)) => (hi << 4 | lo, 3),
+                (b'+', _, _) => (b' ', 1),
                 (b, _, _) => (b, 1),
             };
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
@@ -159,7 +165,7 @@ mod tests {
             ("/b/plain/key.mov", "/b/plain/key.mov"),
             ("/b/with space", "/b/with%20space"),
             ("/b/with%20space", "/b/with%20space"),
-            ("/b/a+b", "/b/a%2Bb"),
+            ("/b/a+b", "/b/a%20b"),
             ("/b/a%2Bb", "/b/a%2Bb"),
             ("/b/100%25", "/b/100%25"),
             ("/b/50%", "/b/50%25"),
@@ -181,6 +187,9 @@ mod tests {
         assert_eq!(replica_target("/b/k", Some(q)), "/b/k?versionId=7&x-id=GetObject");
         assert_eq!(replica_target("/b/k", Some("X-Amz-Expires=60")), "/b/k");
         assert_eq!(replica_target("/b/k k", None), "/b/k%20k");
+        let v2 = "AWSAccessKeyId=AKID&Signature=abc&Expires=1&versionId=2";
+        assert_eq!(replica_target("/b/k", Some(v2)), "/b/k?versionId=2", "SigV2 presign parameters go too");
+        assert_eq!(replica_target("/b/k", Some("x-amzé=1&a=b")), "/b/k?x-amzé=1&a=b", "no panic on UTF-8 names");
     }
 
     #[test]
