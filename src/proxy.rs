@@ -439,20 +439,21 @@ impl Proxy {
     async fn probe(&self, table: &RoutingTable, out: &Outgoing<'_>, key: ObjectKey<'_>) -> Probed {
         let run = || self.probe_once(table, out);
         let learned = if table.signs_replica() {
-            let target = match &out.query {
-                Some(q) => Cow::Owned(format!("{}?{q}", out.path)),
-                None => Cow::Borrowed(out.path),
-            };
+            // Only a presigned URL can be remembered: other requests build no target.
+            let presigned = out.query.as_deref().filter(|q| q.contains("X-Amz-Signature="));
+            let target = presigned.map(|q| format!("{}?{q}", out.path));
             let now = SystemTime::now();
-            let remembered =
-                self.presigned.allowed(&out.method, &target, now).then(|| self.facts.cached(key, table.delay));
-            match remembered.flatten() {
+            let remembered = target
+                .as_deref()
+                .filter(|t| self.presigned.allowed(&out.method, t, now))
+                .and_then(|_| self.facts.cached(key, table.delay));
+            match remembered {
                 Some(known) => known,
                 None => {
                     let learned = self.facts.own(key, run).await;
-                    if matches!(learned, Learned::Found { .. }) {
+                    if let (Learned::Found { .. }, Some(target)) = (learned, &target) {
                         let authorized = out.headers.contains_key(header::AUTHORIZATION);
-                        self.presigned.remember(&out.method, &target, out.query.as_deref(), authorized, now);
+                        self.presigned.remember(&out.method, target, presigned, authorized, now);
                     }
                     learned
                 }

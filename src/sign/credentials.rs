@@ -351,16 +351,7 @@ async fn build(source: &CredentialsSource) -> SharedCredentialsProvider {
 
 /// An error and its causes on one line, each cause once.
 fn error_chain(error: &(dyn StdError + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        let more = e.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        cause = e.source();
-    }
+    let text = crate::upstream::error_chain(error);
     // One log line: aws-config lists what each source of the chain said on lines of their own.
     text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }

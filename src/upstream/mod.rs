@@ -251,7 +251,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     while let Some(c) = cause {
         let text = c.to_string();
         // An error that prints its source already says it once.
-        if !s.ends_with(&text) {
+        if !s.contains(&text) {
             s.push_str(": ");
             s.push_str(&text);
         }
