@@ -73,8 +73,8 @@ fn handle(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// What is loaded, without secrets.
-fn config_view(proxy: &Proxy) -> String {
+/// What is loaded, without secrets: the body of `/config`.
+pub fn config_view(proxy: &Proxy) -> String {
     let t = proxy.tables().current();
     let loaded = t.loaded_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let upstream = |u: Upstream| {
@@ -82,9 +82,21 @@ fn config_view(proxy: &Proxy) -> String {
         serde_json::json!({
             "url": format!("{}://{}", target.scheme, target.authority),
             "bucket": target.bucket.as_deref(),
+            "ca_file": target.ca_file.as_ref().map(|p| p.display().to_string()),
             "down": proxy.upstreams().health(u).is_down(),
         })
     };
+    // The certificate, never its key (README "TLS").
+    let tls = t.server_cert.as_ref().map(|c| {
+        let expires = UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(c.not_after).unwrap_or(0));
+        serde_json::json!({
+            "cert_file": c.cert_file.display().to_string(),
+            "subject": c.subject,
+            "names": c.names,
+            "not_after_unix": c.not_after,
+            "not_after": httpdate::fmt_http_date(expires),
+        })
+    });
     let view = serde_json::json!({
         "generation": t.generation,
         "loaded_at_unix": loaded,
@@ -97,6 +109,7 @@ fn config_view(proxy: &Proxy) -> String {
         "fallback": t.fallback,
         "primary": upstream(Upstream::Primary),
         "replica": upstream(Upstream::Replica),
+        "tls": tls,
     });
     format!("{view:#}\n")
 }

@@ -123,6 +123,8 @@ pub struct Config {
     pub path: PathBuf,
     /// Listener settings (need a restart to change).
     pub listen: Listen,
+    /// The TLS listener's certificate and key, re-read on every reload (README "TLS").
+    pub tls: Option<ServerCert>,
     /// Who the client is and whom to believe.
     pub identity: Identity,
     /// The region where media is uploaded.
@@ -148,8 +150,12 @@ pub struct Config {
 /// `[listen]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
-    /// Plain HTTP listener.
-    pub addr: SocketAddr,
+    /// Plain HTTP listener; at least one of `addr` and `tls_addr` is set.
+    pub addr: Option<SocketAddr>,
+    /// TLS listener (README "TLS"); its certificate is [`Config::tls`].
+    pub tls_addr: Option<SocketAddr>,
+    /// Every connection starts with a PROXY v1/v2 header (README "Behind an NLB").
+    pub proxy_protocol: bool,
     /// Admin listener (metrics, health), if any.
     pub admin_addr: Option<SocketAddr>,
 }
@@ -180,6 +186,8 @@ pub struct UpstreamConfig {
     pub preserve_host: bool,
     /// Path of the active health check's `HEAD`; `None`: the bucket (README "Health").
     pub health_path: Option<String>,
+    /// Private CA for an `https` upstream, instead of the system roots (README "HTTPS upstreams").
+    pub ca_file: Option<CaFile>,
 }
 
 /// `[replication]`.
@@ -234,6 +242,8 @@ pub struct Limits {
     pub age_cache_entries: usize,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Time a new connection has for its PROXY header and TLS handshake.
+    pub handshake_timeout: Duration,
 }
 
 /// `[health]`.
@@ -290,7 +300,10 @@ fn one(e: ConfigError) -> ConfigErrors {
 
 /// Turns a toml/serde error into a located error, naming the key on that line.
 mod raw;
+pub mod tls;
 mod validate;
+
+pub use tls::{CaFile, ServerCert};
 
 use raw::RawConfig;
 use validate::{Validator, serde_error};

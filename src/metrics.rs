@@ -121,7 +121,21 @@ pub struct Metrics {
     credential_refreshes: [Counter; 2],
     /// When the AWS credentials in use expire (Unix seconds), 0 for none or static keys.
     credentials_expiry: Gauge,
+    /// TLS handshakes that failed, by [`TLS_FAILURES`].
+    tls_failures: [Counter; TLS_FAILURES.len()],
+    /// Connections closed for their PROXY header, by [`PROXY_REFUSALS`].
+    proxy_refusals: [Counter; PROXY_REFUSALS.len()],
+    /// When the listener's certificate expires (Unix seconds), 0 without TLS.
+    certificate_expiry: Gauge,
 }
+
+/// Why a TLS handshake failed (`mediaroute_tls_handshake_failures_total{reason}`):
+/// no handshake within `limits.handshake_timeout`, a plain HTTP request on the TLS port,
+/// the client closed before finishing, or any TLS error (version, cipher, alert, garbage).
+pub const TLS_FAILURES: [&str; 4] = ["timeout", "plain-http", "closed", "error"];
+
+/// Why a connection's PROXY header was refused (`mediaroute_proxy_protocol_refusals_total{reason}`).
+pub const PROXY_REFUSALS: [&str; 4] = ["timeout", "closed", "invalid", "io"];
 
 /// A request counted as waiting for an upstream connection until dropped.
 #[derive(Debug)]
@@ -236,6 +250,24 @@ impl Metrics {
             "When mediaroute's own AWS credentials expire (Unix time), 0 for none or keys that do not expire",
             credentials_expiry.clone(),
         );
+        let tls_failures = Family::<Labels<1>, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the TLS listener that failed, by reason",
+            tls_failures.clone(),
+        );
+        let proxy_refusals = Family::<Labels<1>, Counter>::default();
+        registry.register(
+            "proxy_protocol_refusals",
+            "Connections closed because they did not start with a valid PROXY header in time, by reason",
+            proxy_refusals.clone(),
+        );
+        let certificate_expiry = Gauge::default();
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the TLS listener's certificate expires (Unix time), 0 without a TLS listener",
+            certificate_expiry.clone(),
+        );
         let per_upstream = UPSTREAM_NAMES.map(|u| {
             let bytes = response_bytes.get_or_create(&[("upstream", u)]).clone();
             // Refused requests reached no upstream: their duration is not an upstream's.
@@ -262,6 +294,9 @@ impl Metrics {
             queue,
             credential_refreshes: ["ok", "error"].map(|r| credential_refreshes.get_or_create(&[("result", r)]).clone()),
             credentials_expiry,
+            tls_failures: TLS_FAILURES.map(|r| tls_failures.get_or_create(&[("reason", r)]).clone()),
+            proxy_refusals: PROXY_REFUSALS.map(|r| proxy_refusals.get_or_create(&[("reason", r)]).clone()),
+            certificate_expiry,
         };
         for (u, reason) in KNOWN_ROUTES {
             for c in 0..CLASSES {
@@ -383,6 +418,25 @@ impl Metrics {
         self.credentials_expiry.set(i64::try_from(secs).unwrap_or(i64::MAX));
     }
 
+    /// Counts a failed TLS handshake; `reason` is one of [`TLS_FAILURES`].
+    pub fn tls_handshake_failure(&self, reason: &str) {
+        if let Some(i) = TLS_FAILURES.iter().position(|r| *r == reason) {
+            self.tls_failures[i].inc();
+        }
+    }
+
+    /// Counts a connection closed for its PROXY header; `reason` is one of [`PROXY_REFUSALS`].
+    pub fn proxy_protocol_refusal(&self, reason: &str) {
+        if let Some(i) = PROXY_REFUSALS.iter().position(|r| *r == reason) {
+            self.proxy_refusals[i].inc();
+        }
+    }
+
+    /// Sets `mediaroute_tls_certificate_expiry_timestamp_seconds` (Unix seconds; 0 for none).
+    pub fn set_certificate_expiry(&self, not_after: i64) {
+        self.certificate_expiry.set(not_after.max(0));
+    }
+
     /// The exposition in the OpenMetrics text format (which Prometheus reads).
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -491,6 +545,9 @@ mod from_the_start {
             "mediaroute_credential_refreshes_total{result=\"ok\"} 0",
             "mediaroute_credential_refreshes_total{result=\"error\"} 0",
             "mediaroute_credentials_expiry_timestamp_seconds 0",
+            "mediaroute_tls_handshake_failures_total{reason=\"plain-http\"} 0",
+            "mediaroute_proxy_protocol_refusals_total{reason=\"invalid\"} 0",
+            "mediaroute_tls_certificate_expiry_timestamp_seconds 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

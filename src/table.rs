@@ -121,6 +121,8 @@ pub struct UpstreamTarget {
     pub bucket: Option<Box<str>>,
     /// Path of the active health check's `HEAD` (README "Health").
     pub health_path: Box<str>,
+    /// The private CA its certificate is verified against, if not the system roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl UpstreamTarget {
@@ -175,11 +177,17 @@ pub struct RoutingTable {
     pub primary: UpstreamTarget,
     /// The replica upstream.
     pub replica: UpstreamTarget,
+    /// The TLS listener's certificate (README "TLS"): served to every new handshake, so a
+    /// reload swaps it with the rest of the table.
+    pub server_cert: Option<config::ServerCert>,
+    /// TLS settings of upstreams with a `ca_file`: [primary, replica] (README "HTTPS upstreams").
+    upstream_tls: [Option<Arc<rustls::ClientConfig>>; 2],
     /// Load counter, starting at 1.
     pub generation: u64,
     /// When this table was built.
     pub loaded_at: SystemTime,
 }
+
 
 impl RoutingTable {
     /// Builds the table from a checked config.
@@ -210,9 +218,24 @@ impl RoutingTable {
             },
             primary: target(&cfg.primary, cfg.health.path.as_deref()),
             replica: target(&cfg.replica, cfg.health.path.as_deref()),
+            server_cert: cfg.tls.clone(),
+            upstream_tls: [&cfg.primary, &cfg.replica].map(|u| u.ca_file.as_ref().map(|ca| Arc::new(config::tls::client_config(Arc::clone(&ca.roots))))),
             generation,
             loaded_at: SystemTime::now(),
         }
+    }
+
+    /// The TLS settings for connecting to `scheme://authority` when it is an upstream with
+    /// a `ca_file`; `None`: the system roots.
+    pub fn upstream_tls(&self, scheme: Option<&str>, authority: Option<&str>) -> Option<&Arc<rustls::ClientConfig>> {
+        if scheme != Some("https") {
+            return None;
+        }
+        [&self.primary, &self.replica]
+            .iter()
+            .zip(&self.upstream_tls)
+            .find(|(t, tls)| tls.is_some() && Some(t.authority.as_str()) == authority && t.scheme == http::uri::Scheme::HTTPS)
+            .and_then(|(_, tls)| tls.as_ref())
     }
 
     /// Whether downloads from the replica are signed with mediaroute's own credentials.
@@ -262,6 +285,7 @@ fn target(u: &crate::config::UpstreamConfig, global_health_path: Option<&str>) -
         authority: parts.authority.unwrap_or_else(|| http::uri::Authority::from_static("localhost")),
         bucket: u.bucket.as_deref().map(Box::from),
         health_path,
+        ca_file: u.ca_file.as_ref().map(|c| c.path.clone()),
     }
 }
 

@@ -60,6 +60,7 @@ pub(super) struct RawUpstream {
     pub(super) profile: Option<S>,
     pub(super) preserve_host: Option<Spanned<bool>>,
     pub(super) health_path: Option<S>,
+    pub(super) ca_file: Option<S>,
 }
 
 #[derive(Deserialize, Default)]
@@ -92,6 +93,7 @@ pub(super) struct RawLimits {
     pub(super) age_probe_timeout: Option<S>,
     pub(super) age_cache_entries: Option<Spanned<i64>>,
     pub(super) shutdown_grace: Option<S>,
+    pub(super) handshake_timeout: Option<S>,
 }
 
 #[derive(Deserialize, Default)]

@@ -108,7 +108,7 @@ impl Validator<'_> {
         raw: RawConfig,
         read_users: &dyn Fn(&Path) -> std::io::Result<String>,
     ) -> Option<Config> {
-        let listen = self.listen(raw.listen);
+        let (listen, tls) = self.listen(raw.listen);
         let identity = self.identity(raw.identity);
         // The bucket pairing is checked whatever else is wrong with either upstream.
         self.buckets(raw.primary.bucket.as_ref(), raw.replica.bucket.as_ref());
@@ -154,6 +154,7 @@ impl Validator<'_> {
         Some(Config {
             path: self.file.to_path_buf(),
             listen: listen?,
+            tls,
             identity: identity?,
             primary: primary?,
             replica: replica?,
@@ -181,33 +182,64 @@ impl Validator<'_> {
         }
     }
 
-    fn listen(&mut self, raw: RawListen) -> Option<Listen> {
-        for (opt, key) in
-            [(&raw.tls_addr, "listen.tls_addr"), (&raw.tls_cert, "listen.tls_cert"), (&raw.tls_key, "listen.tls_key")]
-        {
-            if let Some(s) = opt {
-                self.err_at(
-                    s.span(),
-                    key,
-                    "the TLS listener is not available in this version; terminate TLS in front of mediaroute",
-                );
+    /// `[listen]`, and the TLS listener's certificate (read here so that `check` and a
+    /// reload refuse a bad pair; README "TLS").
+    fn listen(&mut self, raw: RawListen) -> (Option<Listen>, Option<ServerCert>) {
+        let mut ok = true;
+        let mut addr_of = |v: &mut Self, s: &Option<S>, key: &str| match s {
+            Some(s) => {
+                let a = v.socket_addr(s, key);
+                ok &= a.is_some();
+                a
             }
+            None => None,
+        };
+        let addr = addr_of(self, &raw.addr, "listen.addr");
+        let tls_addr = addr_of(self, &raw.tls_addr, "listen.tls_addr");
+        let admin_addr = addr_of(self, &raw.admin_addr, "listen.admin_addr");
+        if raw.addr.is_none() && raw.tls_addr.is_none() {
+            ok = false;
+            self.err_nowhere("listen.addr", "missing: the address to serve on (or listen.tls_addr)");
         }
-        if let Some(pp) = raw.proxy_protocol.as_ref().filter(|p| *p.get_ref()) {
-            self.err_at(pp.span(), "listen.proxy_protocol", "PROXY protocol is not available in this version");
-        }
-        let addr = match &raw.addr {
-            Some(s) => self.socket_addr(s, "listen.addr"),
-            None => {
-                self.err_nowhere("listen.addr", "missing: the address to serve on");
+        let cert = match (&raw.tls_addr, &raw.tls_cert, &raw.tls_key) {
+            (Some(_), Some(cert), Some(key)) => {
+                let base = self.file.parent().unwrap_or(Path::new(".")).to_path_buf();
+                match tls::load_server_cert(&base.join(cert.get_ref()), &base.join(key.get_ref())) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        ok = false;
+                        self.err_at(cert.span(), "listen.tls_cert", e);
+                        None
+                    }
+                }
+            }
+            (Some(a), cert, key) => {
+                ok = false;
+                let missing = if cert.is_none() { "listen.tls_cert" } else { "listen.tls_key" };
+                self.err_at(a.span(), missing, "missing: the TLS listener needs tls_cert and tls_key (PEM files)");
+                let _ = key;
+                None
+            }
+            (None, cert, key) => {
+                for (s, k) in [(cert, "listen.tls_cert"), (key, "listen.tls_key")] {
+                    if let Some(s) = s {
+                        ok = false;
+                        self.err_at(s.span(), k, "only used with listen.tls_addr");
+                    }
+                }
                 None
             }
         };
-        let admin_addr = match &raw.admin_addr {
-            Some(s) => Some(self.socket_addr(s, "listen.admin_addr")?),
-            None => None,
-        };
-        Some(Listen { addr: addr?, admin_addr })
+        if let (Some(a), Some(b)) = (addr, tls_addr)
+            && a == b
+            && a.port() != 0
+        {
+            ok = false;
+            self.err_nowhere("listen.tls_addr", format!("{b} is also listen.addr: use two ports"));
+        }
+        let proxy_protocol = raw.proxy_protocol.is_some_and(|p| *p.get_ref());
+        let listen = ok.then_some(Listen { addr, tls_addr, proxy_protocol, admin_addr });
+        (listen, cert)
     }
 
     fn identity(&mut self, raw: RawIdentity) -> Option<Identity> {
@@ -294,7 +326,28 @@ impl Validator<'_> {
                 path
             }
         };
+        let ca_file = match &raw.ca_file {
+            None => None,
+            Some(f) => {
+                let path = self.file.parent().unwrap_or(Path::new(".")).join(f.get_ref());
+                match tls::load_ca(&path) {
+                    Ok(ca) => Some(ca),
+                    Err(e) => {
+                        ok = false;
+                        self.err_at(f.span(), &format!("{name}.ca_file"), e);
+                        None
+                    }
+                }
+            }
+        };
+        if let (Some(f), Some(u)) = (&raw.ca_file, &url)
+            && u.scheme_str() != Some("https")
+        {
+            ok = false;
+            self.err_at(f.span(), &format!("{name}.ca_file"), format!("only used with an https:// {name}.url"));
+        }
         let cfg = UpstreamConfig {
+            ca_file,
             url: url?,
             bucket: raw.bucket.as_ref().map(|b| b.get_ref().clone()),
             region: raw.region.map(Spanned::into_inner),
@@ -521,6 +574,7 @@ impl Validator<'_> {
         let probe = self.duration(&raw.age_probe_timeout, "limits.age_probe_timeout", secs(2));
         let entries = self.positive(&raw.age_cache_entries, "limits.age_cache_entries", 100_000);
         let grace = self.duration(&raw.shutdown_grace, "limits.shutdown_grace", secs(30));
+        let handshake = self.duration(&raw.handshake_timeout, "limits.handshake_timeout", secs(10));
         for (d, key) in [
             (header_read, "limits.header_read_timeout"),
             (idle, "limits.idle_timeout"),
@@ -529,6 +583,7 @@ impl Validator<'_> {
             (connect, "limits.upstream_connect_timeout"),
             (upstream_header, "limits.upstream_header_timeout"),
             (probe, "limits.age_probe_timeout"),
+            (handshake, "limits.handshake_timeout"),
         ] {
             if d == Some(Duration::ZERO) {
                 self.err_nowhere(key, "must be more than 0s");
@@ -550,6 +605,7 @@ impl Validator<'_> {
             age_probe_timeout: probe?,
             age_cache_entries: entries? as usize,
             shutdown_grace: grace?,
+            handshake_timeout: handshake?,
         })
     }
 

@@ -101,12 +101,16 @@ pub async fn start(mut cfg: Config) -> Result<Demo, DemoError> {
             replica.store.put(&format!("/{rb}/{key}"), format!("{key} from the REPLICA region\n"), at);
         }
     }
-    let proxy_listener = bind_or_free(cfg.listen.addr, "proxy", &mut moved).await?;
-    let admin = match cfg.listen.admin_addr {
-        Some(a) => Some(bind_or_free(a, "admin", &mut moved).await?),
-        None => None,
+    let mut bind = async |addr: Option<SocketAddr>, name| match addr {
+        Some(a) => bind_or_free(a, name, &mut moved).await.map(Some),
+        None => Ok(None),
     };
-    let proxy = server::start_on(cfg.clone(), server::Bound { proxy: proxy_listener, admin }).await?;
+    let bound = server::Bound {
+        proxy: bind(cfg.listen.addr, "proxy").await?,
+        tls: bind(cfg.listen.tls_addr, "TLS proxy").await?,
+        admin: bind(cfg.listen.admin_addr, "admin").await?,
+    };
+    let proxy = server::start_on(cfg.clone(), bound).await?;
     Ok(Demo { proxy, primary, replica, config: cfg, moved })
 }
 

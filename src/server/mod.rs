@@ -1,19 +1,25 @@
-//! The listeners: accept connections and serve HTTP/1.1 and cleartext HTTP/2 on them;
-//! and the reload orchestration that keeps them serving (README "Operating").
+//! The listeners: accept connections, read a PROXY header and complete TLS where
+//! configured, and serve HTTP/1.1 and HTTP/2 on them; and the reload orchestration that
+//! keeps them serving (README "Operating", "TLS", "Behind an NLB").
 
+pub mod proxy_protocol;
 pub mod reload;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, ConfigErrors, Limits};
 use crate::idle::{IdleIo, idle_for, no_request_within};
@@ -40,8 +46,11 @@ pub enum ServerError {
 /// A running proxy: its addresses, its state, and a way to stop it.
 #[derive(Debug)]
 pub struct Running {
-    /// The proxy address actually bound (useful with port 0).
+    /// The plain listener's address actually bound (useful with port 0), or the TLS
+    /// listener's when there is no plain one.
     pub addr: SocketAddr,
+    /// The TLS listener's address actually bound, if configured.
+    pub tls_addr: Option<SocketAddr>,
     /// The admin address actually bound, if configured.
     pub admin_addr: Option<SocketAddr>,
     /// The proxy state (tables, upstreams, caches, metrics).
@@ -75,20 +84,25 @@ impl Running {
 /// Listeners bound before the server starts.
 #[derive(Debug)]
 pub struct Bound {
-    /// The proxy listener.
-    pub proxy: TcpListener,
+    /// The plain proxy listener, if configured.
+    pub proxy: Option<TcpListener>,
+    /// The TLS proxy listener, if configured.
+    pub tls: Option<TcpListener>,
     /// The admin listener, if configured.
     pub admin: Option<TcpListener>,
 }
 
 /// Binds the listeners named in `cfg`.
 pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
-    let proxy = bind_one(cfg.listen.addr).await?;
-    let admin = match cfg.listen.admin_addr {
-        Some(a) => Some(bind_one(a).await?),
-        None => None,
-    };
-    Ok(Bound { proxy, admin })
+    let l = &cfg.listen;
+    Ok(Bound { proxy: bind_some(l.addr).await?, tls: bind_some(l.tls_addr).await?, admin: bind_some(l.admin_addr).await? })
+}
+
+async fn bind_some(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, ServerError> {
+    match addr {
+        Some(a) => Ok(Some(bind_one(a).await?)),
+        None => Ok(None),
+    }
 }
 
 /// Binds one address.
@@ -108,16 +122,16 @@ pub const CREDENTIALS_FIRST_WAIT: Duration = Duration::from_secs(5);
 
 /// Starts serving on listeners bound by the caller (inside a Tokio runtime).
 pub async fn start_on(cfg: Config, bound: Bound) -> Result<Running, ServerError> {
-    let addr_of = |l: &TcpListener, configured: SocketAddr| {
+    let addr_of = |l: &TcpListener, configured: Option<SocketAddr>| {
+        let configured = configured.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
         l.local_addr().map_err(|source| ServerError::Bind { addr: configured, source })
     };
-    let local = addr_of(&bound.proxy, cfg.listen.addr)?;
-    let admin = match bound.admin {
-        Some(l) => {
-            let a = addr_of(&l, cfg.listen.admin_addr.unwrap_or(local))?;
-            Some((l, a))
-        }
-        None => None,
+    let plain = bound.proxy.as_ref().map(|l| addr_of(l, cfg.listen.addr)).transpose()?;
+    let tls_addr = bound.tls.as_ref().map(|l| addr_of(l, cfg.listen.tls_addr)).transpose()?;
+    let admin_addr = bound.admin.as_ref().map(|l| addr_of(l, cfg.listen.admin_addr)).transpose()?;
+    let Some(local) = plain.or(tls_addr) else {
+        let source = std::io::Error::other("no proxy listener: set listen.addr or listen.tls_addr");
+        return Err(ServerError::Bind { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source });
     };
     for w in &cfg.warnings {
         tracing::warn!("{w}");
@@ -129,46 +143,114 @@ pub async fn start_on(cfg: Config, bound: Bound) -> Result<Running, ServerError>
         Some(source) => Some(Keys::start(source, Arc::clone(&metrics), CREDENTIALS_FIRST_WAIT).await),
         None => None,
     };
+    let acceptor = match (&bound.tls, &cfg.tls) {
+        (Some(_), Some(cert)) => {
+            metrics.set_certificate_expiry(cert.not_after);
+            Some(tls::acceptor(Arc::clone(&tables), Arc::clone(&cert.certified)))
+        }
+        (Some(_), None) => {
+            let source = std::io::Error::other("listen.tls_addr needs listen.tls_cert and listen.tls_key");
+            return Err(ServerError::Bind { addr: tls_addr.unwrap_or(local), source });
+        }
+        (None, _) => None,
+    };
     let proxy = Arc::new(Proxy::new(&cfg, Arc::clone(&tables), metrics, keys));
     let mut background =
         vec![tokio::spawn(upstream::check_loop(Arc::clone(proxy.upstreams()), tables, cfg.health.clone()))];
-    let admin_addr = admin.map(|(l, a)| {
+    if let (Some(l), Some(a)) = (bound.admin, admin_addr) {
         background.push(admin::spawn(l, Arc::clone(&proxy)));
         tracing::info!(addr = %a, "admin listening");
-        a
-    });
+    }
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(accept_loop(bound.proxy, Arc::clone(&proxy), cfg.limits.clone(), stopped));
+    let shared = Arc::new(Shared::new(&cfg.limits, cfg.listen.proxy_protocol, Arc::clone(&proxy)));
+    let listeners: Vec<(TcpListener, Option<TlsAcceptor>)> =
+        bound.proxy.map(|l| (l, None)).into_iter().chain(bound.tls.map(|l| (l, acceptor))).collect();
+    let task = tokio::spawn(async move {
+        let loops = listeners.into_iter().map(|(l, tls)| accept_loop(l, tls, Arc::clone(&shared), stopped.clone()));
+        futures_join_all(loops).await;
+    });
     proxy.set_ready(true);
-    tracing::info!(addr = %local, "listening");
-    Ok(Running { addr: local, admin_addr, proxy, grace: cfg.limits.shutdown_grace, stop, task, background })
+    if let Some(a) = plain {
+        tracing::info!(addr = %a, proxy_protocol = cfg.listen.proxy_protocol, "listening");
+    }
+    if let (Some(a), Some(cert)) = (tls_addr, &cfg.tls) {
+        tracing::info!(addr = %a, proxy_protocol = cfg.listen.proxy_protocol, subject = %cert.subject, "listening (TLS)");
+    }
+    Ok(Running {
+        addr: local,
+        tls_addr,
+        admin_addr,
+        proxy,
+        grace: cfg.limits.shutdown_grace,
+        stop,
+        task,
+        background,
+    })
 }
 
-async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, limits: Limits, mut stopped: watch::Receiver<bool>) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_size as usize)
-        .max_headers(limits.max_headers as usize);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_size)
-        // One connection must not open more upstream requests than this (README "Limits and timeouts").
-        .max_concurrent_streams(limits.max_streams_per_connection);
+/// Runs every future to its end.
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futures: impl Iterator<Item = F>) {
+    let handles: Vec<JoinHandle<()>> = futures.map(tokio::spawn).collect();
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+/// What every connection of every listener shares.
+struct Shared {
+    builder: auto::Builder<TokioExecutor>,
+    proxy: Arc<Proxy>,
+    limits: Limits,
+    proxy_protocol: bool,
+    /// At most `limits.max_connections` connections over all listeners.
+    slots: Arc<Semaphore>,
+}
+
+impl Shared {
+    fn new(limits: &Limits, proxy_protocol: bool, proxy: Arc<Proxy>) -> Shared {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_size as usize)
+            .max_headers(limits.max_headers as usize);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_header_size)
+            // One connection must not open more upstream requests than this (README "Limits and timeouts").
+            .max_concurrent_streams(limits.max_streams_per_connection);
+        Shared {
+            builder,
+            proxy,
+            limits: limits.clone(),
+            proxy_protocol,
+            slots: Arc::new(Semaphore::new(limits.max_connections as usize)),
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections as usize));
+    let limits = &shared.limits;
     loop {
         // At the connection limit, stop accepting: new clients wait in the kernel's backlog.
         let permit = tokio::select! {
-            p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            p = Arc::clone(&shared.slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = stopped.changed() => break,
         };
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => serve(&builder, &graceful, stream, peer, &proxy, &limits, permit),
+                Ok((stream, peer)) => {
+                    let conn = Connection { shared: Arc::clone(&shared), tls: tls.clone(), watcher: graceful.watcher() };
+                    tokio::spawn(conn.run(stream, peer, permit));
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     static ACCEPT: crate::throttle::Every = crate::throttle::Every::new(Duration::from_secs(10));
@@ -188,35 +270,78 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, limits: Limits, m
     }
 }
 
-fn serve(
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
-    stream: TcpStream,
-    peer: SocketAddr,
-    proxy: &Arc<Proxy>,
-    limits: &Limits,
-    permit: OwnedSemaphorePermit,
-) {
-    let (idle, first_request) = (limits.idle_timeout, limits.header_read_timeout);
-    let _ = stream.set_nodelay(true);
-    let proxy = Arc::clone(proxy);
-    let io = IdleIo::new(stream);
-    let activity = io.activity();
-    let busy = Arc::clone(&activity);
-    let service = service_fn(move |req| {
-        let proxy = Arc::clone(&proxy);
-        // Waiting on a probe or an upstream is not idleness (README "Limits and timeouts").
-        let guard = busy.busy();
-        // The response body reads it to tell an upstream stall from a client that left.
-        let connection = Arc::clone(&busy);
-        async move {
-            let resp = proxy.serve(req, peer, Some(connection)).await;
-            drop(guard);
-            Ok::<_, std::convert::Infallible>(resp)
+/// One accepted connection on its way to HTTP.
+struct Connection {
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+    watcher: Watcher,
+}
+
+impl Connection {
+    /// PROXY header (if configured), TLS (on the TLS listener), then HTTP. The PROXY header
+    /// and the TLS handshake share `limits.handshake_timeout` (README "Limits and timeouts").
+    async fn run(self, stream: TcpStream, tcp_peer: SocketAddr, permit: OwnedSemaphorePermit) {
+        let _ = stream.set_nodelay(true);
+        let metrics = self.shared.proxy.metrics();
+        let within = self.shared.limits.handshake_timeout;
+        let deadline = tokio::time::Instant::now() + within;
+        let (peer, prefix, stream) = if self.shared.proxy_protocol {
+            match proxy_protocol::read_header(stream, within).await {
+                // LOCAL (the balancer's own health check) and unknown families: the TCP peer.
+                Ok((source, rewind)) => {
+                    let (prefix, stream) = rewind.into_parts();
+                    (source.unwrap_or(tcp_peer), prefix, stream)
+                }
+                Err(refusal) => {
+                    metrics.proxy_protocol_refusal(refusal.label());
+                    tracing::debug!(peer = %tcp_peer, error = %refusal, "closed a connection without a valid PROXY header");
+                    return;
+                }
+            }
+        } else {
+            (tcp_peer, Bytes::new(), stream)
+        };
+        match &self.tls {
+            Some(acceptor) => match tokio::time::timeout_at(deadline, tls::handshake(acceptor, stream, prefix)).await {
+                Ok(Ok(tls)) => self.http(tls, peer, permit).await,
+                Ok(Err(failure)) => {
+                    metrics.tls_handshake_failure(failure.label());
+                    tracing::debug!(%peer, error = %failure, "TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics.tls_handshake_failure("timeout");
+                    tracing::debug!(%peer, ?within, "no TLS handshake in time");
+                }
+            },
+            None if prefix.is_empty() => self.http(stream, peer, permit).await,
+            None => self.http(proxy_protocol::Rewind::new(prefix, stream), peer, permit).await,
         }
-    });
-    let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), service).into_owned());
-    tokio::spawn(async move {
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 on `io` until the client leaves, idles or the server stops.
+    async fn http<S>(self, io: S, peer: SocketAddr, permit: OwnedSemaphorePermit)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let limits = &self.shared.limits;
+        let (idle, first_request) = (limits.idle_timeout, limits.header_read_timeout);
+        let proxy = Arc::clone(&self.shared.proxy);
+        let io = IdleIo::new(io);
+        let activity = io.activity();
+        let busy = Arc::clone(&activity);
+        let service = service_fn(move |req| {
+            let proxy = Arc::clone(&proxy);
+            // Waiting on a probe or an upstream is not idleness (README "Limits and timeouts").
+            let guard = busy.busy();
+            // The response body reads it to tell an upstream stall from a client that left.
+            let connection = Arc::clone(&busy);
+            async move {
+                let resp = proxy.serve(req, peer, Some(connection)).await;
+                drop(guard);
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        let conn = self.watcher.watch(self.shared.builder.serve_connection(TokioIo::new(io), service).into_owned());
         tokio::select! {
             res = conn => if let Err(e) = res {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -227,5 +352,5 @@ fn serve(
             }
         }
         drop(permit);
-    });
+    }
 }

@@ -31,6 +31,10 @@ pub async fn reload(proxy: &Proxy) -> Result<Reloaded, ConfigErrors> {
         Ok(r) => {
             proxy.metrics().reload(Some(r.generation));
             let after = proxy.tables().current();
+            if let Some(cert) = &after.server_cert {
+                // New handshakes get it from the table; connections already open keep theirs.
+                proxy.metrics().set_certificate_expiry(cert.not_after);
+            }
             if !before.primary.same_place(&after.primary) {
                 // Facts were learned from the old primary; they say nothing of the new one.
                 proxy.facts().clear();

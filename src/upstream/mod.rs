@@ -2,15 +2,14 @@
 //! a failure is on.
 
 pub mod capped;
+pub mod connect;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{ClientFault, Overdue, ReqBody};
@@ -19,37 +18,17 @@ use crate::health::{Health, HealthBoard};
 use crate::metrics::Metrics;
 use crate::table::{Tables, Upstream};
 use capped::{Capped, Caps, QueueFull};
+use connect::Connector;
 
 /// Largest read buffer per upstream connection.
 const UPSTREAM_READ_BUF: usize = 64 * 1024;
 
 /// One keep-alive pool shared by both upstreams (connections are keyed by host), each
 /// upstream's connections capped.
-pub type HttpClient = Client<Capped<HttpsConnector<HttpConnector>>, ReqBody>;
+pub type HttpClient = Client<Capped<Connector>, ReqBody>;
 
 /// The client of active health checks: uncapped, so that a full queue never fails a check.
-pub type CheckClient = Client<HttpsConnector<HttpConnector>, ReqBody>;
-
-/// TCP with `TCP_NODELAY` and the connect timeout, then HTTPS with the system roots.
-fn connector(cfg: &Config) -> HttpsConnector<HttpConnector> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(cfg.limits.upstream_connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(error = %e, "no system CA certificates found; https upstreams will fail to verify");
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
-                rustls::ClientConfig::builder()
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-            )
-        }
-    };
-    builder.https_or_http().enable_http1().wrap_connector(http)
-}
+pub type CheckClient = Client<Connector, ReqBody>;
 
 /// A keep-alive pool over `connector`, keeping at most `max_idle` idle connections per host.
 fn pool<C>(connector: C, max_idle: usize) -> Client<C, ReqBody>
@@ -151,12 +130,13 @@ impl Upstreams {
     pub fn new(cfg: &Config, metrics: &Arc<Metrics>, tables: Arc<Tables>) -> Upstreams {
         let h = &cfg.health;
         let l = &cfg.limits;
+        let connector = Connector::new(cfg, Arc::clone(&tables));
         let caps =
             Arc::new(Caps::new(l.max_upstream_connections, l.upstream_queue_timeout, tables, Arc::clone(metrics)));
         let max_idle = 256.min(l.max_upstream_connections as usize);
         Upstreams {
-            client: pool(Capped::new(connector(cfg), caps), max_idle),
-            checks: pool(connector(cfg), 2),
+            client: pool(Capped::new(connector.clone(), caps), max_idle),
+            checks: pool(connector, 2),
             health: Arc::new(HealthBoard::new(h.rise, h.fall, metrics)),
             header_timeout: l.upstream_header_timeout,
             body_timeout: l.body_timeout,

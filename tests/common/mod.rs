@@ -21,6 +21,8 @@ use mediaroute::server::{self, Running};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
+pub mod pki;
+
 pub const PB: &str = "studio-media";
 pub const RB: &str = "studio-media-eu";
 

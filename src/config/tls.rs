@@ -1,0 +1,216 @@
+//! TLS files named in the config: the listener's certificate and key, and an upstream's
+//! private CA (README "TLS", "HTTPS upstreams"). Read and checked at load, so that `check`
+//! and a reload refuse a bad pair before anything serves with it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+
+/// The listener's certificate chain and key, checked to belong together.
+#[derive(Clone)]
+pub struct ServerCert {
+    /// Where the chain was read from.
+    pub cert_file: PathBuf,
+    /// Where the key was read from.
+    pub key_file: PathBuf,
+    /// What rustls serves.
+    pub certified: Arc<CertifiedKey>,
+    /// The leaf certificate's subject, e.g. `CN=media.studio.example`.
+    pub subject: String,
+    /// The leaf certificate's names (DNS and IP subject alternative names).
+    pub names: Vec<String>,
+    /// The leaf certificate's expiry, in seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+impl fmt::Debug for ServerCert {
+    // The key stays out of every rendering (README "TLS").
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerCert")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("subject", &self.subject)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for ServerCert {
+    fn eq(&self, other: &ServerCert) -> bool {
+        self.cert_file == other.cert_file
+            && self.key_file == other.key_file
+            && self.certified.cert == other.certified.cert
+    }
+}
+
+/// The crypto provider for every TLS configuration mediaroute makes: named explicitly so
+/// that no other crate's default can change it.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Client TLS settings that trust `roots`: TLS 1.2 and 1.3, SNI and verification on.
+pub fn client_config(roots: Arc<RootCertStore>) -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        // Not input-dependent: ring supports both safe default versions.
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// Reads a PEM certificate chain (leaf first) and its private key (PKCS#8, RSA or SEC1).
+pub fn load_server_cert(cert_file: &Path, key_file: &Path) -> Result<ServerCert, String> {
+    let chain = read_certs(cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            format!("{}: no private key found (expected PEM: PKCS#8, RSA or EC)", key_file.display())
+        }
+        e => format!("{}: cannot read the private key: {}", key_file.display(), pem_error(&e)),
+    })?;
+    let leaf = chain.first().cloned().ok_or_else(|| format!("{}: no certificate found", cert_file.display()))?;
+    let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => {
+            format!("{} does not belong to the certificate in {}", key_file.display(), cert_file.display())
+        }
+        e => format!("{}: unusable private key: {e}", key_file.display()),
+    })?;
+    let (subject, names, not_after) = describe(&leaf).map_err(|e| format!("{}: {e}", cert_file.display()))?;
+    Ok(ServerCert {
+        cert_file: cert_file.to_path_buf(),
+        key_file: key_file.to_path_buf(),
+        certified: Arc::new(certified),
+        subject,
+        names,
+        not_after,
+    })
+}
+
+/// An upstream's private CA: the only roots its certificate is verified against.
+#[derive(Clone)]
+pub struct CaFile {
+    /// Where the certificates were read from.
+    pub path: PathBuf,
+    /// The trust anchors.
+    pub roots: Arc<RootCertStore>,
+}
+
+impl fmt::Debug for CaFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaFile").field("path", &self.path).field("roots", &self.roots.len()).finish()
+    }
+}
+
+/// Reads one or more PEM CA certificates.
+pub fn load_ca(path: &Path) -> Result<CaFile, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(path)? {
+        roots.add(cert).map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
+    }
+    Ok(CaFile { path: path.to_path_buf(), roots: Arc::new(roots) })
+}
+
+/// Every certificate in a PEM file; at least one.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: cannot read certificates: {}", path.display(), pem_error(&e)))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found (expected PEM \"BEGIN CERTIFICATE\")", path.display()));
+    }
+    Ok(certs)
+}
+
+fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::Io(io) => io.to_string(),
+        e => format!("{e:?}"),
+    }
+}
+
+/// The subject, subject alternative names and expiry of a certificate.
+fn describe(cert: &CertificateDer<'_>) -> Result<(String, Vec<String>, i64), String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| format!("not a valid certificate: {e}"))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => names.push((*d).to_string()),
+                GeneralName::IPAddress(b) => match <[u8; 4]>::try_from(*b) {
+                    Ok(v4) => names.push(std::net::Ipv4Addr::from(v4).to_string()),
+                    Err(_) => {
+                        if let Ok(v6) = <[u8; 16]>::try_from(*b) {
+                            names.push(std::net::Ipv6Addr::from(v6).to_string());
+                        }
+                    }
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok((parsed.subject().to_string(), names, parsed.validity().not_after.timestamp()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).ok();
+        p
+    }
+
+    fn pair(names: &[&str]) -> (String, String) {
+        let ck = rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap_or_else(|e| panic!("rcgen: {e}"));
+        (ck.cert.pem(), ck.signing_key.serialize_pem())
+    }
+
+    #[test]
+    fn a_matching_pair_loads_with_its_subject_names_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pair(&["media.studio.example", "127.0.0.1"]);
+        let c = load_server_cert(&write(dir.path(), "c.pem", &cert), &write(dir.path(), "k.pem", &key)).unwrap();
+        assert_eq!(c.names, ["media.studio.example", "127.0.0.1"]);
+        assert!(c.subject.contains("CN="), "{}", c.subject);
+        // rcgen's default validity ends in 4096.
+        assert!(c.not_after > 4_000_000_000, "{}", c.not_after);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("PRIVATE") && !shown.contains("certified"), "{shown}");
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, _) = pair(&["a.example"]);
+        let (_, other_key) = pair(&["b.example"]);
+        let e = load_server_cert(&write(dir.path(), "c.pem", &cert), &write(dir.path(), "k.pem", &other_key))
+            .unwrap_err();
+        assert!(e.contains("does not belong to the certificate"), "{e}");
+    }
+
+    #[test]
+    fn missing_empty_and_swapped_files_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pair(&["a.example"]);
+        let c = write(dir.path(), "c.pem", &cert);
+        let k = write(dir.path(), "k.pem", &key);
+        let e = load_server_cert(&dir.path().join("nope.pem"), &k).unwrap_err();
+        assert!(e.contains("nope.pem") && e.contains("cannot read"), "{e}");
+        let e = load_server_cert(&k, &k).unwrap_err();
+        assert!(e.contains("no certificate found"), "{e}");
+        let e = load_server_cert(&c, &c).unwrap_err();
+        assert!(e.contains("no private key found"), "{e}");
+        let e = load_ca(&write(dir.path(), "empty.pem", "")).unwrap_err();
+        assert!(e.contains("no certificate found"), "{e}");
+        assert_eq!(load_ca(&c).unwrap().roots.len(), 1);
+    }
+}
