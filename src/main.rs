@@ -233,6 +233,11 @@ fn run_demo(path: Option<&Path>) -> anyhow::Result<()> {
             }
         });
         println!("mediaroute demo: proxy on http://{}", d.proxy.addr);
+        if let Some(tls) = d.proxy.tls_addr {
+            println!(
+                "  TLS on https://{tls} (the demo certificate is for localhost: curl --cacert conf/tls/demo-ca.pem)"
+            );
+        }
         print!("{}", d.upstream_lines());
         if let Some(admin) = d.proxy.admin_addr {
             println!("  admin on http://{admin} (/metrics /healthz /readyz /config)");

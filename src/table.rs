@@ -188,7 +188,6 @@ pub struct RoutingTable {
     pub loaded_at: SystemTime,
 }
 
-
 impl RoutingTable {
     /// Builds the table from a checked config.
     pub fn build(cfg: &Config, generation: u64) -> RoutingTable {
@@ -219,7 +218,8 @@ impl RoutingTable {
             primary: target(&cfg.primary, cfg.health.path.as_deref()),
             replica: target(&cfg.replica, cfg.health.path.as_deref()),
             server_cert: cfg.tls.clone(),
-            upstream_tls: [&cfg.primary, &cfg.replica].map(|u| u.ca_file.as_ref().map(|ca| Arc::new(config::tls::client_config(Arc::clone(&ca.roots))))),
+            upstream_tls: [&cfg.primary, &cfg.replica]
+                .map(|u| u.ca_file.as_ref().map(|ca| Arc::new(config::tls::client_config(Arc::clone(&ca.roots))))),
             generation,
             loaded_at: SystemTime::now(),
         }
@@ -234,7 +234,9 @@ impl RoutingTable {
         [&self.primary, &self.replica]
             .iter()
             .zip(&self.upstream_tls)
-            .find(|(t, tls)| tls.is_some() && Some(t.authority.as_str()) == authority && t.scheme == http::uri::Scheme::HTTPS)
+            .find(|(t, tls)| {
+                tls.is_some() && Some(t.authority.as_str()) == authority && t.scheme == http::uri::Scheme::HTTPS
+            })
             .and_then(|(_, tls)| tls.as_ref())
     }
 

@@ -141,6 +141,35 @@ fn explain_shows_what_a_replication_status_does() {
 }
 
 #[test]
+fn check_accepts_the_tls_nlb_and_https_upstream_examples() {
+    for name in ["mediaroute-tls.toml", "mediaroute-nlb.toml", "mediaroute-https-upstreams.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf").join(name);
+        let (code, out, err) = mediaroute(&["check", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 0, "{name}: {out}{err}");
+    }
+}
+
+#[test]
+fn check_names_the_file_when_the_key_does_not_match_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
+    let text = std::fs::read_to_string(conf.join("mediaroute-tls.toml")).unwrap();
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/tls");
+    let text = text
+        .replace("tls/demo-fullchain.pem", conf.join("tls/demo-fullchain.pem").to_str().unwrap())
+        .replace("tls/demo-key.pem", corpus.join("ec-key.pem").to_str().unwrap());
+    let path = dir.path().join("m.toml");
+    std::fs::write(&path, text).unwrap();
+    let (code, out, err) = mediaroute(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("listen.tls_cert:") && err.contains("ec-key.pem does not belong to the certificate in"),
+        "{err}"
+    );
+    assert!(!err.contains("BEGIN"), "{err}");
+}
+
+#[test]
 fn check_accepts_the_sigv4_example() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/mediaroute-sigv4.toml");
     let (code, out, err) = mediaroute(&["check", "--config", path.to_str().unwrap()]);

@@ -45,7 +45,8 @@ async fn a_private_ca_upstream_is_verified_with_its_ca_file_and_sni() {
     let primary = origin(&ca, "primary-tls").await;
     let replica = status_server(404).await;
     let by_name = format!("https://localhost:{}", primary.addr.port());
-    let proxy = write_config(dir.path(), &by_name, "ca_file = \"ca.pem\"", &format!("http://{}", replica.addr), "").await;
+    let proxy =
+        write_config(dir.path(), &by_name, "ca_file = \"ca.pem\"", &format!("http://{}", replica.addr), "").await;
     let a = get(&proxy, "carol").await;
     assert_eq!((a.status, a.body.as_str()), (200, "primary-tls /studio-media/clip.mov"), "{a:?}");
     assert_eq!(primary.sni.lock().unwrap().as_slice(), [Some("localhost".to_string())]);
@@ -97,7 +98,10 @@ async fn a_replica_with_an_unknown_ca_falls_back_to_the_primary() {
     let url = format!("https://localhost:{}", replica.addr.port());
     let proxy = write_config(dir.path(), &format!("http://{}", primary.addr), "", &url, "ca_file = \"ca.pem\"").await;
     let a = get(&proxy, "alice").await;
-    assert_eq!((a.status, a.upstream.as_str(), a.reason.as_str(), a.body.as_str()), (200, "primary", "fallback", "primary"));
+    assert_eq!(
+        (a.status, a.upstream.as_str(), a.reason.as_str(), a.body.as_str()),
+        (200, "primary", "fallback", "primary")
+    );
     let m = proxy.proxy.metrics().render();
     assert_eq!(metric(&m, "mediaroute_fallbacks_total{cause=\"connect\"}"), 1.0, "{m}");
 }

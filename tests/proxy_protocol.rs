@@ -170,7 +170,15 @@ async fn connections_without_a_valid_header_are_closed_and_counted() {
     assert!(closed_silently(p, b"PROXY TCP4 10.20.1.2 127.0", true, quick).await);
     // A truncated header, then silence: closed when handshake_timeout (300 ms) passes.
     let started = Instant::now();
-    assert!(closed_silently(p, &v2(format!("{INSIDE}:1").parse().unwrap(), "127.0.0.1:2".parse().unwrap())[..20], false, quick).await);
+    assert!(
+        closed_silently(
+            p,
+            &v2(format!("{INSIDE}:1").parse().unwrap(), "127.0.0.1:2".parse().unwrap())[..20],
+            false,
+            quick
+        )
+        .await
+    );
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(1500), "{took:?}");
 

@@ -139,9 +139,27 @@ fn users_file_errors_name_that_file() {
 }
 
 #[test]
-fn not_yet_available_features_are_refused_clearly() {
-    let src = GOOD.replace("addr = \"127.0.0.1:8080\"", "addr = \"127.0.0.1:8080\"\nproxy_protocol = true");
-    assert!(errors(&src)[0].contains("listen.proxy_protocol: PROXY protocol is not available"));
+fn tls_and_proxy_protocol_keys_are_checked_together() {
+    let listen = |lines: &str| GOOD.replace("addr = \"127.0.0.1:8080\"", lines);
+    let e = errors(&listen("tls_addr = \"127.0.0.1:8443\""));
+    assert!(e[0].contains("listen.tls_cert: missing: the TLS listener needs tls_cert and tls_key"), "{e:?}");
+    let e = errors(&listen("addr = \"127.0.0.1:8080\"\ntls_cert = \"c.pem\""));
+    assert!(e[0].contains("listen.tls_cert: only used with listen.tls_addr"), "{e:?}");
+    let e = errors(&listen("proxy_protocol = true"));
+    assert!(e[0].contains("listen.addr: missing"), "{e:?}");
+    let e =
+        errors(&listen("addr = \"127.0.0.1:8080\"\ntls_addr = \"127.0.0.1:8080\"\ntls_cert = \"c\"\ntls_key = \"k\""));
+    assert!(e.iter().any(|e| e.contains("listen.tls_addr: 127.0.0.1:8080 is also listen.addr")), "{e:?}");
+    // Files are resolved next to the config file and read at load.
+    let e = errors(&listen("tls_addr = \"127.0.0.1:8443\"\ntls_cert = \"tls/c.pem\"\ntls_key = \"tls/k.pem\""));
+    assert!(e[0].contains("listen.tls_cert: /etc/mr/tls/c.pem: cannot read certificates"), "{e:?}");
+    let cfg = parse_str(&listen("addr = \"127.0.0.1:8080\"\nproxy_protocol = true")).unwrap();
+    assert!(cfg.listen.proxy_protocol && cfg.tls.is_none());
+    assert_eq!(cfg.limits.handshake_timeout, Duration::from_secs(10));
+    let e = errors(
+        &GOOD.replace("url = \"http://127.0.0.1:9001\"", "url = \"http://127.0.0.1:9001\"\nca_file = \"ca.pem\""),
+    );
+    assert!(e.iter().any(|e| e.contains("primary.ca_file: only used with an https:// primary.url")), "{e:?}");
 }
 
 #[test]

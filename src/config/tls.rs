@@ -188,12 +188,32 @@ mod tests {
     }
 
     #[test]
+    fn rsa_and_sec1_keys_load_as_well_as_pkcs8() {
+        let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/tls");
+        // "BEGIN RSA PRIVATE KEY" (PKCS#1) and "BEGIN EC PRIVATE KEY" (SEC1, P-384).
+        for (cert, key, name) in [("rsa-cert.pem", "rsa-key.pem", "rsa.test"), ("ec-cert.pem", "ec-key.pem", "ec.test")]
+        {
+            let c = load_server_cert(&corpus.join(cert), &corpus.join(key)).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.names, [name]);
+        }
+        // The demo chain: a leaf and its CA, a SEC1 P-256 key.
+        let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/tls");
+        let c = load_server_cert(&conf.join("demo-fullchain.pem"), &conf.join("demo-key.pem")).unwrap();
+        assert_eq!(c.certified.cert.len(), 2);
+        assert_eq!(c.names, ["localhost", "127.0.0.1", "::1"]);
+        assert_eq!(load_ca(&conf.join("demo-ca.pem")).unwrap().roots.len(), 1);
+        // The RSA key with the EC certificate: refused.
+        let e = load_server_cert(&corpus.join("ec-cert.pem"), &corpus.join("rsa-key.pem")).unwrap_err();
+        assert!(e.contains("does not belong"), "{e}");
+    }
+
+    #[test]
     fn a_key_of_another_certificate_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (cert, _) = pair(&["a.example"]);
         let (_, other_key) = pair(&["b.example"]);
-        let e = load_server_cert(&write(dir.path(), "c.pem", &cert), &write(dir.path(), "k.pem", &other_key))
-            .unwrap_err();
+        let e =
+            load_server_cert(&write(dir.path(), "c.pem", &cert), &write(dir.path(), "k.pem", &other_key)).unwrap_err();
         assert!(e.contains("does not belong to the certificate"), "{e}");
     }
 

@@ -95,7 +95,11 @@ pub struct Bound {
 /// Binds the listeners named in `cfg`.
 pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
     let l = &cfg.listen;
-    Ok(Bound { proxy: bind_some(l.addr).await?, tls: bind_some(l.tls_addr).await?, admin: bind_some(l.admin_addr).await? })
+    Ok(Bound {
+        proxy: bind_some(l.addr).await?,
+        tls: bind_some(l.tls_addr).await?,
+        admin: bind_some(l.admin_addr).await?,
+    })
 }
 
 async fn bind_some(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, ServerError> {
@@ -176,16 +180,7 @@ pub async fn start_on(cfg: Config, bound: Bound) -> Result<Running, ServerError>
     if let (Some(a), Some(cert)) = (tls_addr, &cfg.tls) {
         tracing::info!(addr = %a, proxy_protocol = cfg.listen.proxy_protocol, subject = %cert.subject, "listening (TLS)");
     }
-    Ok(Running {
-        addr: local,
-        tls_addr,
-        admin_addr,
-        proxy,
-        grace: cfg.limits.shutdown_grace,
-        stop,
-        task,
-        background,
-    })
+    Ok(Running { addr: local, tls_addr, admin_addr, proxy, grace: cfg.limits.shutdown_grace, stop, task, background })
 }
 
 /// Runs every future to its end.
