@@ -91,6 +91,24 @@ pub fn load_server_cert(cert_file: &Path, key_file: &Path) -> Result<ServerCert,
     })
 }
 
+/// A warning when the certificate has expired or expires within 14 days of `now`:
+/// `check` prints it and every load logs it (README "TLS").
+pub fn expiry_warning(cert: &ServerCert, now: std::time::SystemTime) -> Option<String> {
+    let now = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let left = cert.not_after.saturating_sub(now);
+    let file = cert.cert_file.display();
+    if left <= 0 {
+        Some(format!(
+            "listen.tls_cert: the certificate in {file} ({}) has expired: clients will refuse it",
+            cert.subject
+        ))
+    } else if left < 14 * 86_400 {
+        Some(format!("listen.tls_cert: the certificate in {file} ({}) expires in {} hours", cert.subject, left / 3600))
+    } else {
+        None
+    }
+}
+
 /// An upstream's private CA: the only roots its certificate is verified against.
 #[derive(Clone)]
 pub struct CaFile {
@@ -205,6 +223,18 @@ mod tests {
         // The RSA key with the EC certificate: refused.
         let e = load_server_cert(&corpus.join("ec-cert.pem"), &corpus.join("rsa-key.pem")).unwrap_err();
         assert!(e.contains("does not belong"), "{e}");
+    }
+
+    #[test]
+    fn an_expired_or_expiring_certificate_is_warned_about() {
+        let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/tls");
+        let c = load_server_cert(&conf.join("demo-fullchain.pem"), &conf.join("demo-key.pem")).unwrap();
+        let at = |secs: i64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64);
+        assert_eq!(expiry_warning(&c, at(c.not_after - 15 * 86_400)), None);
+        let soon = expiry_warning(&c, at(c.not_after - 3 * 3600 - 60)).unwrap();
+        assert!(soon.contains("demo-fullchain.pem") && soon.contains("expires in 3 hours"), "{soon}");
+        let gone = expiry_warning(&c, at(c.not_after + 1)).unwrap();
+        assert!(gone.contains("has expired"), "{gone}");
     }
 
     #[test]

@@ -151,6 +151,9 @@ impl Validator<'_> {
                     .to_string(),
             );
         }
+        if let Some(w) = tls.as_ref().and_then(|c| tls::expiry_warning(c, std::time::SystemTime::now())) {
+            warnings.push(w);
+        }
         Some(Config {
             path: self.file.to_path_buf(),
             listen: listen?,
