@@ -133,7 +133,10 @@ fn check(path: Option<&Path>) -> ExitCode {
 
 fn init_logging(cfg: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
+    // rustls warns once per handshake about what clients send (an IP address as SNI, from
+    // wrk, curl to an IP and the like): handshake trouble is counted instead (README "TLS").
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("{},rustls=error", cfg.log.level)));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     if cfg.log.json {

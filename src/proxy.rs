@@ -248,7 +248,8 @@ impl Proxy {
             object: admitted.object,
             replica_down: self.upstreams.health(Upstream::Replica).is_down(),
         };
-        let mut out = outgoing(table, &parts.method, &parts.uri, &mut parts.headers, peer);
+        let proto = if parts.extensions.get::<OverTls>().is_some() { "https" } else { "http" };
+        let mut out = outgoing(table, &parts.method, &parts.uri, &mut parts.headers, peer, proto);
         let probed = if route::needs_probe(table, &ctx, &facts) {
             self.probe(table, &out, ObjectKey::new(parts.uri.path(), query)).await
         } else {
@@ -546,6 +547,11 @@ fn failure_cause(e: &SendError) -> FallbackCause {
     }
 }
 
+/// A request extension set by the TLS listener: the client connected over TLS, so
+/// upstreams get `X-Forwarded-Proto: https` (README "Forwarding").
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
+
 /// Strips identity and hop-by-hop headers and keeps what both upstreams get.
 fn outgoing<'a>(
     table: &RoutingTable,
@@ -553,6 +559,7 @@ fn outgoing<'a>(
     uri: &'a Uri,
     client_headers: &mut HeaderMap,
     peer: SocketAddr,
+    proto: &'static str,
 ) -> Outgoing<'a> {
     let query = client::strip_identity(table, client_headers, uri.query());
     let host = match client_headers.get(header::HOST) {
@@ -571,7 +578,7 @@ fn outgoing<'a>(
     headers.remove(header::EXPECT);
     let peer = peer.ip().to_canonical();
     append_forwarded_for(&mut headers, peer);
-    own_forwarding_headers(&mut headers, table.trusted_proxies.contains(peer), "http");
+    own_forwarding_headers(&mut headers, table.trusted_proxies.contains(peer), proto);
     if method == Method::GET || method == Method::HEAD {
         // GET/HEAD go out without a body so they can be retried on the primary.
         headers.remove(header::CONTENT_LENGTH);

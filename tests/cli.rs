@@ -163,7 +163,7 @@ fn check_names_the_file_when_the_key_does_not_match_the_certificate() {
     let (code, out, err) = mediaroute(&["check", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
-        err.contains("listen.tls_cert:") && err.contains("ec-key.pem does not belong to the certificate in"),
+        err.contains("listen.tls_key:") && err.contains("ec-key.pem does not belong to the certificate in"),
         "{err}"
     );
     assert!(!err.contains("BEGIN"), "{err}");

@@ -127,4 +127,10 @@ async fn a_reload_re_reads_the_ca_file() {
     let e = proxy.reload().await.expect_err("refused").to_string();
     assert!(e.contains("primary.ca_file") && e.contains("no certificate found"), "{e}");
     assert_eq!(get(&proxy, "carol").await.status, 200);
+
+    // A CA that no longer trusts the origin: the pooled connection, verified under the
+    // old CA, is not reused after the reload.
+    pki::write(dir.path(), "ca.pem", &wrong.pem());
+    proxy.reload().await.expect("reload accepted");
+    assert_eq!(get(&proxy, "carol").await.status, 502);
 }

@@ -253,3 +253,20 @@ async fn a_client_that_does_not_trust_the_certificate_fails_and_is_counted() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn upstreams_are_told_the_client_came_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("mediaroute test CA");
+    install(dir.path(), &ca.leaf("media.studio.test", &["localhost"], 2040));
+    let echo = echo_server().await;
+    let replica = status_server(404).await;
+    let proxy = start(&write_config(dir.path(), echo.addr, replica.addr, "")).await;
+    let c = pki::https_client(&ca.pem()).build().unwrap();
+    let url = format!("https://localhost:{}{}", proxy.tls_addr.unwrap().port(), obj("clip.mov"));
+    let seen = c.get(url).send().await.unwrap().text().await.unwrap();
+    assert!(seen.contains("x-forwarded-proto: https\n"), "{seen}");
+    let seen = client().get(format!("http://{}{}", proxy.addr, obj("clip.mov"))).send().await.unwrap();
+    let seen = seen.text().await.unwrap();
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+}

@@ -144,10 +144,18 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
+/// What is wrong with a PEM file, without any of its bytes: a malformed key file's
+/// contents must never reach a log or `check`'s output (README "TLS").
 fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
     match e {
-        rustls::pki_types::pem::Error::Io(io) => io.to_string(),
-        e => format!("{e:?}"),
+        Error::Io(io) => io.to_string(),
+        Error::MissingSectionEnd { .. } => "malformed PEM: a section has no END line (is the file on one line?)".into(),
+        Error::IllegalSectionStart { .. } => "malformed PEM: a BEGIN line is not on a line of its own".into(),
+        Error::Base64Decode(_) => "malformed PEM: a section is not valid base64 (an encrypted key?)".into(),
+        Error::NoItemsFound => "no PEM section found".into(),
+        Error::SectionTooLarge => "malformed PEM: a section is larger than 256 MB".into(),
+        _ => "malformed PEM".into(),
     }
 }
 
@@ -235,6 +243,29 @@ mod tests {
         assert!(soon.contains("demo-fullchain.pem") && soon.contains("expires in 3 hours"), "{soon}");
         let gone = expiry_warning(&c, at(c.not_after + 1)).unwrap();
         assert!(gone.contains("has expired"), "{gone}");
+    }
+
+    #[test]
+    fn a_malformed_key_file_is_reported_without_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pair(&["a.example"]);
+        let c = write(dir.path(), "c.pem", &cert);
+        let body: Vec<&str> = key.lines().filter(|l| !l.starts_with("-----")).collect();
+        let one_line = key.replace('\n', " ");
+        let glued = key.replacen("-----\n", "-----", 1);
+        let encrypted = key.replace("PRIVATE KEY", "RSA PRIVATE KEY").replacen(
+            "-----\n",
+            "-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-256-CBC,0011\n\n",
+            1,
+        );
+        for text in [one_line, glued, encrypted] {
+            let e = load_server_cert(&c, &write(dir.path(), "k.pem", &text)).unwrap_err();
+            assert!(e.contains("k.pem") && e.contains("PEM"), "{e}");
+            for line in &body {
+                assert!(!e.contains(&line[..16]), "key bytes in {e:?}");
+            }
+            assert!(!e.chars().any(|c| c.is_ascii_digit() && e.contains(", ")), "no byte lists: {e}");
+        }
     }
 
     #[test]

@@ -207,8 +207,15 @@ impl Validator<'_> {
         let cert = match (&raw.tls_addr, &raw.tls_cert, &raw.tls_key) {
             (Some(_), Some(cert), Some(key)) => {
                 let base = self.file.parent().unwrap_or(Path::new(".")).to_path_buf();
-                match tls::load_server_cert(&base.join(cert.get_ref()), &base.join(key.get_ref())) {
+                let key_file = base.join(key.get_ref());
+                match tls::load_server_cert(&base.join(cert.get_ref()), &key_file) {
                     Ok(c) => Some(c),
+                    // Each error names its file first: report it at that file's key.
+                    Err(e) if e.starts_with(&key_file.display().to_string()) => {
+                        ok = false;
+                        self.err_at(key.span(), "listen.tls_key", e);
+                        None
+                    }
                     Err(e) => {
                         ok = false;
                         self.err_at(cert.span(), "listen.tls_cert", e);

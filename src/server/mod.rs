@@ -298,7 +298,7 @@ impl Connection {
         };
         match &self.tls {
             Some(acceptor) => match tokio::time::timeout_at(deadline, tls::handshake(acceptor, stream, prefix)).await {
-                Ok(Ok(tls)) => self.http(tls, peer, permit).await,
+                Ok(Ok(tls)) => self.http(tls, peer, true, permit).await,
                 Ok(Err(failure)) => {
                     metrics.tls_handshake_failure(failure.label());
                     tracing::debug!(%peer, error = %failure, "TLS handshake failed");
@@ -308,13 +308,13 @@ impl Connection {
                     tracing::debug!(%peer, ?within, "no TLS handshake in time");
                 }
             },
-            None if prefix.is_empty() => self.http(stream, peer, permit).await,
-            None => self.http(proxy_protocol::Rewind::new(prefix, stream), peer, permit).await,
+            None if prefix.is_empty() => self.http(stream, peer, false, permit).await,
+            None => self.http(proxy_protocol::Rewind::new(prefix, stream), peer, false, permit).await,
         }
     }
 
     /// Serves HTTP/1.1 or HTTP/2 on `io` until the client leaves, idles or the server stops.
-    async fn http<S>(self, io: S, peer: SocketAddr, permit: OwnedSemaphorePermit)
+    async fn http<S>(self, io: S, peer: SocketAddr, tls: bool, permit: OwnedSemaphorePermit)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -324,7 +324,10 @@ impl Connection {
         let io = IdleIo::new(io);
         let activity = io.activity();
         let busy = Arc::clone(&activity);
-        let service = service_fn(move |req| {
+        let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            if tls {
+                req.extensions_mut().insert(crate::proxy::OverTls);
+            }
             let proxy = Arc::clone(&proxy);
             // Waiting on a probe or an upstream is not idleness (README "Limits and timeouts").
             let guard = busy.busy();

@@ -39,6 +39,14 @@ pub async fn reload(proxy: &Proxy) -> Result<Reloaded, ConfigErrors> {
                 // Facts were learned from the old primary; they say nothing of the new one.
                 proxy.facts().clear();
             }
+            let trusts = |t: &crate::table::RoutingTable| {
+                [Upstream::Primary, Upstream::Replica].iter().any(|u| t.target(*u).ca_file.is_some())
+            };
+            if trusts(&before) || trusts(&after) {
+                // The CA files were read anew: connections verified under the old ones
+                // must not be reused (README "HTTPS upstreams").
+                proxy.upstreams().renew_pools();
+            }
             for u in [Upstream::Primary, Upstream::Replica] {
                 let (old, new) = (before.target(u), after.target(u));
                 if old.scheme != new.scheme || old.authority != new.authority {

@@ -118,8 +118,11 @@ pub enum ExchangeError {
 /// The upstream client plus health state, shared by all requests.
 #[derive(Debug)]
 pub struct Upstreams {
-    client: HttpClient,
-    checks: CheckClient,
+    /// Swapped for fresh pools when the trust in an upstream changes (README "HTTPS upstreams").
+    pools: arc_swap::ArcSwap<Pools>,
+    connector: Connector,
+    caps: Arc<Caps>,
+    max_idle: usize,
     health: Arc<HealthBoard>,
     header_timeout: Duration,
     body_timeout: Duration,
@@ -135,12 +138,26 @@ impl Upstreams {
             Arc::new(Caps::new(l.max_upstream_connections, l.upstream_queue_timeout, tables, Arc::clone(metrics)));
         let max_idle = 256.min(l.max_upstream_connections as usize);
         Upstreams {
-            client: pool(Capped::new(connector.clone(), caps), max_idle),
-            checks: pool(connector, 2),
+            pools: arc_swap::ArcSwap::from_pointee(Pools::new(&connector, &caps, max_idle)),
+            connector,
+            caps,
+            max_idle,
             health: Arc::new(HealthBoard::new(h.rise, h.fall, metrics)),
             header_timeout: l.upstream_header_timeout,
             body_timeout: l.body_timeout,
         }
+    }
+
+    /// Starts new keep-alive pools: connections verified under the old TLS trust are
+    /// not reused (they close as their requests end). Called when a reload changes a
+    /// `ca_file` (README "HTTPS upstreams").
+    pub fn renew_pools(&self) {
+        self.pools.store(Arc::new(Pools::new(&self.connector, &self.caps, self.max_idle)));
+    }
+
+    /// The client of active health checks.
+    fn checks(&self) -> CheckClient {
+        self.pools.load().checks.clone()
     }
 
     /// The health of one upstream.
@@ -165,7 +182,7 @@ impl Upstreams {
     pub async fn send(&self, which: Upstream, req: Request<ReqBody>) -> Result<Response<Incoming>, ExchangeError> {
         let health = self.health(which);
         let progress = req.body().progress().cloned();
-        let exchange = self.client.request(req);
+        let exchange = self.pools.load().client.request(req);
         let outcome = match &progress {
             None => tokio::time::timeout(self.header_timeout, exchange).await.map_err(|_| Overdue::NoAnswer),
             Some(p) => tokio::select! {
@@ -219,8 +236,24 @@ impl Upstreams {
     }
 
     /// The raw client, for probes.
-    pub fn client(&self) -> &HttpClient {
-        &self.client
+    pub fn client(&self) -> HttpClient {
+        self.pools.load().client.clone()
+    }
+}
+
+/// The keep-alive pools of requests and of health checks.
+#[derive(Debug)]
+struct Pools {
+    client: HttpClient,
+    checks: CheckClient,
+}
+
+impl Pools {
+    fn new(connector: &Connector, caps: &Arc<Caps>, max_idle: usize) -> Pools {
+        Pools {
+            client: pool(Capped::new(connector.clone(), Arc::clone(caps)), max_idle),
+            checks: pool(connector.clone(), 2),
+        }
     }
 }
 
@@ -297,7 +330,7 @@ pub async fn check_loop(upstreams: Arc<Upstreams>, tables: Arc<Tables>, health: 
                 *req.method_mut() = http::Method::HEAD;
                 *req.uri_mut() = uri;
                 let h = upstreams.health(which);
-                match tokio::time::timeout(health.timeout, upstreams.checks.request(req)).await {
+                match tokio::time::timeout(health.timeout, upstreams.checks().request(req)).await {
                     Ok(Ok(resp)) if check_failed(resp.status()) => {
                         h.failure(&format!("check answered {}", resp.status().as_u16()));
                     }
