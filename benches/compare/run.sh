@@ -5,9 +5,14 @@
 #   bash benches/compare/run.sh            # full run (about 15 minutes)
 #   ROUNDS=1 DURATION=5 bash benches/compare/run.sh   # quick look
 #   ONLY="direct mediaroute" TESTS="4k slow" bash benches/compare/run.sh   # a subset
+#   ONLY="mediaroute nginx-64k" TESTS="4k 4k-tls 1g 1g-tls" bash benches/compare/run.sh
 #
-# Needs: nginx, haproxy, wrk, curl, python3 (installed from Debian's packages if missing,
-# when run as root). Every process it starts is stopped by PID on exit.
+# TESTS: 4k 1m 1g slow (the default), and 4k-tls 1g-tls: the 4k and 1g tests against TLS
+# listeners of mediaroute and nginx (one self-signed ECDSA P-256 certificate made for the run;
+# the origins stay plain HTTP; HAProxy and direct have no TLS rows).
+#
+# Needs: nginx, haproxy, wrk, curl, python3, openssl (installed from Debian's packages if
+# missing, when run as root). Every process it starts is stopped by PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT="$PWD"
@@ -27,9 +32,9 @@ cleanup() {
 trap cleanup EXIT
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need haproxy || ! need wrk || ! need curl || ! need python3; then
-    echo "installing nginx-light haproxy wrk curl python3 from Debian's packages"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light haproxy wrk curl python3 >/dev/null
+if ! need nginx || ! need haproxy || ! need wrk || ! need curl || ! need python3 || ! need openssl; then
+    echo "installing nginx-light haproxy wrk curl python3 openssl from Debian's packages"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light haproxy wrk curl python3 openssl >/dev/null
 fi
 PATH="$PATH:/usr/sbin"
 
@@ -39,6 +44,11 @@ LOAD_CPU=$(( $(nproc) > 1 ? 1 : 0 ))
 
 P1=19101; P2=19102          # origins: primary, replica
 MR=19181; NG=19182; NGD=19184; HA=19183
+MRS=19185; NGS=19186; NGDS=19187          # TLS listeners: mediaroute, nginx-64k, nginx-default
+
+TESTS="${TESTS:-4k 1m 1g slow}"
+want() { [[ " $TESTS " == *" $1 "* ]]; }
+TLS=0; if want 4k-tls || want 1g-tls; then TLS=1; fi
 
 echo "== building mediaroute (release)"
 cargo build --release --quiet
@@ -53,6 +63,14 @@ for side in primary replica; do
     truncate -s 1G "$WORK/$side/media/1g.bin"
     echo "$side" > "$WORK/$side/media/check.txt"
 done
+
+if [ "$TLS" = 1 ]; then
+    # One certificate for both proxies: ECDSA P-256, self-signed, for 127.0.0.1 and localhost.
+    # wrk verifies no certificate; curl is told -k.
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj "/CN=localhost" -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+        -keyout "$WORK/tls-key.pem" -out "$WORK/tls-cert.pem" 2>/dev/null
+fi
 
 cat > "$WORK/origin.conf" <<EOF
 worker_processes 1;
@@ -71,6 +89,7 @@ EOF
 cat > "$WORK/mediaroute.toml" <<EOF
 [listen]
 addr = "127.0.0.1:$MR"
+$([ "$TLS" = 1 ] && printf 'tls_addr = "127.0.0.1:%s"\ntls_cert = "%s"\ntls_key = "%s"' "$MRS" "$WORK/tls-cert.pem" "$WORK/tls-key.pem")
 [identity]
 trusted_proxies = ["127.0.0.0/8"]
 [primary]
@@ -95,16 +114,26 @@ level = "warn"
 EOF
 
 # nginx with the same routing: realip (recursive), geo for the networks, map for users.
-nginx_server() { # port, extra directives
+# With TLS tests, each server block also listens with TLS on a second port: one block, so the
+# routing is the same by construction. Session cache and tickets are nginx's defaults.
+nginx_server() { # port, TLS port, extra directives
     cat <<EOF
     server {
         listen 127.0.0.1:$1 backlog=4096;
+EOF
+    [ "$TLS" = 1 ] && cat <<EOF
+        listen 127.0.0.1:$2 ssl backlog=4096;
+        ssl_certificate $WORK/tls-cert.pem;
+        ssl_certificate_key $WORK/tls-key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+EOF
+    cat <<EOF
         location / {
             proxy_pass http://\$pool;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header X-Forwarded-User "";
-            $2
+            $3
         }
     }
 EOF
@@ -130,8 +159,8 @@ http {
         ~^(GET|HEAD):yes: replica;
         ~^(GET|HEAD):auto:1\$ replica;
     }
-$(nginx_server $NG "proxy_buffer_size 64k; proxy_buffers 8 64k;")
-$(nginx_server $NGD "")
+$(nginx_server $NG $NGS "proxy_buffer_size 64k; proxy_buffers 8 64k;")
+$(nginx_server $NGD $NGDS "")
 }
 EOF
 
@@ -179,22 +208,24 @@ start mediaroute "$PROXY_CPU" "$MEDIAROUTE" run --config "$WORK/mediaroute.toml"
 start nginx "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -g "daemon off;"
 start haproxy "$PROXY_CPU" haproxy -f "$WORK/haproxy.cfg" -db
 sleep 1.5
-for port in $P1 $P2 $MR $NG $NGD $HA; do
-    curl -sf -o /dev/null "http://127.0.0.1:$port/media/check.txt" || { echo "port $port is not serving"; tail "$WORK"/*.out "$WORK"/*.log; ls -la "$WORK" "$WORK/primary"; exit 1; }
+URLS=()
+for port in $P1 $P2 $MR $NG $NGD $HA; do URLS+=("http://127.0.0.1:$port"); done
+[ "$TLS" = 1 ] && for port in $MRS $NGS $NGDS; do URLS+=("https://127.0.0.1:$port"); done
+for url in "${URLS[@]}"; do
+    curl -skf -o /dev/null "$url/media/check.txt" || { echo "$url is not serving"; tail "$WORK"/*.out "$WORK"/*.log; ls -la "$WORK" "$WORK/primary"; exit 1; }
 done
 
 # Process ids per target, for CPU and memory accounting (master and workers).
 tree_pids() { local p="$1"; echo "$p"; pgrep -P "$p" 2>/dev/null || true; }
 declare -A PID_OF=( [mediaroute]="${PIDS[1]}" [nginx-64k]="${PIDS[2]}" [nginx-default]="${PIDS[2]}" [haproxy]="${PIDS[3]}" [direct]="${PIDS[0]}" )
 declare -A PORT_OF=( [mediaroute]=$MR [nginx-64k]=$NG [nginx-default]=$NGD [haproxy]=$HA [direct]=$P2 )
+declare -A TLS_PORT_OF=( [mediaroute]=$MRS [nginx-64k]=$NGS [nginx-default]=$NGDS )
 TARGETS=(direct mediaroute nginx-64k nginx-default haproxy)
 PROXIES=(mediaroute nginx-64k nginx-default haproxy)
 if [ -n "${ONLY:-}" ]; then
     read -r -a TARGETS <<< "$ONLY"
     PROXIES=(); for t in "${TARGETS[@]}"; do [ "$t" = direct ] || PROXIES+=("$t"); done
 fi
-TESTS="${TESTS:-4k 1m 1g slow}"
-want() { [[ " $TESTS " == *" $1 "* ]]; }
 TICK=$(getconf CLK_TCK)
 tree_sum() { # pid, file under /proc/PID, awk program printing one number: summed over the tree
     local total=0 p
@@ -205,6 +236,7 @@ tree_sum() { # pid, file under /proc/PID, awk program printing one number: summe
     echo "$total"
 }
 cpu_ticks() { tree_sum "$1" stat '{print $14 + $15}'; }   # utime + stime
+cpu_stat() { awk -v c="cpu$1" '$1 == c {print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6}' /proc/stat; }   # busy (steal included), idle + iowait
 rss_kib() { tree_sum "$1" status '/^VmRSS:/ {print $2}'; }
 
 echo "== routing check: every proxy must send each request to the same origin"
@@ -230,6 +262,34 @@ for c in "${check_cases[@]}"; do
 done
 [ "$mismatch" = 0 ] || { echo "routing differs between proxies: stop"; exit 1; }
 
+if [ "$TLS" = 1 ]; then
+    echo "== TLS: each TLS listener routes like its plain one; what a client without ALPN (as wrk) and one offering h2 get"
+    for t in "${PROXIES[@]}"; do
+        [ -n "${TLS_PORT_OF[$t]:-}" ] || { echo " - $t: no TLS listener in this script, no TLS rows"; continue; }
+        for c in "${check_cases[@]}"; do
+            IFS='|' read -r user xff method <<< "$c"
+            for scheme_port in "http ${PORT_OF[$t]}" "https ${TLS_PORT_OF[$t]}"; do
+                read -r scheme port <<< "$scheme_port"
+                args=(-sk -o /dev/null -D - -X "$method" "$scheme://127.0.0.1:$port/media/check.txt")
+                [ -n "$user" ] && args+=(-H "X-Forwarded-User: $user")
+                [ -n "$xff" ] && args+=(-H "X-Forwarded-For: $xff")
+                origin=$(curl "${args[@]}" 2>/dev/null | tr -d '\r' | awk -F': ' 'tolower($1) == "x-origin" {print $2}')
+                if [ "$scheme" = http ]; then plain="$origin"; elif [ "$origin" != "$plain" ]; then
+                    echo "$t over TLS sends $c to '$origin', over plain HTTP to '$plain': stop"; exit 1
+                fi
+            done
+        done
+        hs=$(openssl s_client -connect "127.0.0.1:${TLS_PORT_OF[$t]}" -servername localhost </dev/null 2>/dev/null)
+        h2=$(openssl s_client -connect "127.0.0.1:${TLS_PORT_OF[$t]}" -servername localhost -alpn h2,http/1.1 </dev/null 2>/dev/null)
+        v12=$(openssl s_client -connect "127.0.0.1:${TLS_PORT_OF[$t]}" -servername localhost -tls1_2 </dev/null 2>/dev/null)
+        printf ' - %s: routing as plain; no ALPN: %s; ALPN h2,http/1.1: %s; TLS 1.2: %s\n' "$t" \
+            "$(awk '/^New,/ {print $2, $NF}' <<< "$hs" | tr -d ,)" \
+            "$(awk -F': *' '/^ALPN protocol/ {print $2} /^No ALPN/ {print "none"}' <<< "$h2")" \
+            "$(awk '/^New,/ {print $2, $NF}' <<< "$v12" | tr -d ,)"
+        printf '   curl, ALPN h2: HTTP/%s\n' "$(curl -sk --http2 -o /dev/null -w '%{http_version}' -H 'X-Forwarded-User: alice' "https://127.0.0.1:${TLS_PORT_OF[$t]}/media/check.txt")"
+    done
+fi
+
 cat > "$WORK/alice.lua" <<'EOF'
 wrk.headers["X-Forwarded-User"] = "alice"
 EOF
@@ -239,14 +299,16 @@ RESULTS="$WORK/results.txt"
 : > "$RESULTS"
 record() { echo "$1 $2 $3" >> "$RESULTS"; }
 
-run_wrk() { # target, path, connections -> records rps, p99_ms, mbps, cpu_us_per_req
-    local t="$1" path="$2" conns="$3" tag="$4"
-    local pid="${PID_OF[$t]}" before after out
+run_wrk() { # target, path, connections, tag, base URL -> records rps, p99_ms, mbps, cpu_us_per_req
+    local t="$1" path="$2" conns="$3" tag="$4" base="${5:-http://127.0.0.1:${PORT_OF[$1]}}"
+    local pid="${PID_OF[$t]}" before after out load_before load_after
     before=$(cpu_ticks "$pid")
+    load_before=$(cpu_stat "$LOAD_CPU")
     # Direct runs give the load generator the proxy's idle CPU, so both sides have two.
     local cpu="$LOAD_CPU"; [ "$t" = direct ] && cpu="$PROXY_CPU"
-    out=$(taskset -c "$cpu" wrk -t1 -c"$conns" -d"${DURATION}s" --timeout 30s --latency -s "$WORK/alice.lua" "http://127.0.0.1:${PORT_OF[$t]}$path")
+    out=$(taskset -c "$cpu" wrk -t1 -c"$conns" -d"${DURATION}s" --timeout 30s --latency -s "$WORK/alice.lua" "$base$path")
     after=$(cpu_ticks "$pid")
+    load_after=$(cpu_stat "$LOAD_CPU")
     local rps p99 reqs mbps errors
     rps=$(awk '/^Requests\/sec/ {print $2}' <<< "$out")
     reqs=$(awk '/requests in/ {print $1}' <<< "$out")
@@ -255,13 +317,17 @@ run_wrk() { # target, path, connections -> records rps, p99_ms, mbps, cpu_us_per
     errors=$(awk '/Non-2xx|Socket errors/ {print}' <<< "$out")
     [ -z "$errors" ] || echo "   $t $tag: $errors"
     record "${tag}_MiBps" "$t" "$mbps"
-    if [ "$tag" != 1GiB ]; then
+    if [ "$t" != direct ]; then
+        # How busy CPU 1 (origins and wrk) was: near 100, the load side and not the proxy may be the limit.
+        record "${tag}_load_cpu_busy_pct" "$t" "$(awk -v a="$load_before" -v b="$load_after" 'BEGIN {split(a, x, " "); split(b, y, " "); busy = y[1] - x[1]; idle = y[2] - x[2]; printf "%.0f", 100 * busy / (busy + idle)}')"
+    fi
+    if [[ "$tag" != 1GiB* ]]; then
         record "${tag}_rps" "$t" "$rps"
         record "${tag}_p99_ms" "$t" "$p99"
     fi
-    if [ "$t" != direct ] && [ "$tag" = 1GiB ]; then
+    if [ "$t" != direct ] && [[ "$tag" = 1GiB* ]]; then
         # CPU seconds per GiB moved.
-        record "1GiB_cpu_s_per_GiB" "$t" "$(awk -v d=$((after - before)) -v m="$mbps" -v s="$DURATION" -v tk="$TICK" 'BEGIN {printf "%.3f", (d / tk) / (m * s / 1024)}')"
+        record "${tag}_cpu_s_per_GiB" "$t" "$(awk -v d=$((after - before)) -v m="$mbps" -v s="$DURATION" -v tk="$TICK" 'BEGIN {printf "%.3f", (d / tk) / (m * s / 1024)}')"
     elif [ "$t" != direct ]; then
         record "${tag}_cpu_us_per_req" "$t" "$(awk -v d=$((after - before)) -v n="$reqs" -v tk="$TICK" 'BEGIN {printf "%.2f", d / tk * 1e6 / n}')"
     fi
@@ -310,6 +376,11 @@ for round in $(seq 1 "$ROUNDS"); do
         if want 4k; then run_wrk "$t" /media/4k.bin 64 4KiB; fi
         if want 1m; then run_wrk "$t" /media/1m.bin 8 1MiB; fi
         if want 1g; then run_wrk "$t" /media/1g.bin 1 1GiB; fi
+        if [ -n "${TLS_PORT_OF[$t]:-}" ]; then
+            tls="https://127.0.0.1:${TLS_PORT_OF[$t]}"
+            if want 4k-tls; then run_wrk "$t" /media/4k.bin 64 4KiB-TLS "$tls"; fi
+            if want 1g-tls; then run_wrk "$t" /media/1g.bin 1 1GiB-TLS "$tls"; fi
+        fi
     done
 done
 # The slow-download rounds come last: 1,000 connections per proxy with full socket buffers
@@ -353,10 +424,11 @@ for m in metrics:
     ratios = [f"{mr / med[t]:.2f}" if mr is not None and med.get(t) else "" for t in ratio_cols]
     peers = [med[t] for t in ("nginx-64k", "nginx-default", "haproxy") if t in med]
     vs_peer = ""
-    if mr is not None and peers:
+    if mr is not None and peers and not m.endswith("_pct"):
         best = max(peers) if higher_is_better(m) else min(peers)
         vs_peer = f"{mr / best:.2f}" if best else ""
     print(f"| {m} | {' | '.join(cells)} | {' | '.join(ratios)} | {vs_peer} |")
 print()
 print("Higher is better for rps and MiBps; lower for p99, CPU and RSS. Ratios are mediaroute / other.")
+print("load_cpu_busy_pct: how busy CPU 1 (origins and wrk) was; near 100, the load side may be the limit.")
 EOF
