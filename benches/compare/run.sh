@@ -393,6 +393,13 @@ if want slow; then
     done
 fi
 
+# What the proxies wrote (mediaroute logs at warn, nginx and HAProxy their errors).
+for f in mediaroute.out nginx.out nginx-error.log haproxy.out; do
+    [ -s "$WORK/$f" ] || continue
+    echo "== $f: $(wc -l < "$WORK/$f") lines, the last 5:"
+    tail -n 5 "$WORK/$f" | cut -c1-300
+done
+
 echo
 echo "== results: median of $ROUNDS rounds (min-max), ratios against direct and the best peer"
 python3 - "$RESULTS" <<'EOF'
@@ -421,7 +428,7 @@ for m in metrics:
         med[t] = statistics.median(xs)
         cells.append(f"{med[t]:.4g} ({min(xs):.4g}-{max(xs):.4g})" if len(xs) > 1 else f"{med[t]:.4g}")
     mr = med.get("mediaroute")
-    ratios = [f"{mr / med[t]:.2f}" if mr is not None and med.get(t) else "" for t in ratio_cols]
+    ratios = [f"{mr / med[t]:.2f}" if mr is not None and med.get(t) and not m.endswith("_pct") else "" for t in ratio_cols]
     peers = [med[t] for t in ("nginx-64k", "nginx-default", "haproxy") if t in med]
     vs_peer = ""
     if mr is not None and peers and not m.endswith("_pct"):
