@@ -150,6 +150,8 @@ fn tls_and_proxy_protocol_keys_are_checked_together() {
     let e =
         errors(&listen("addr = \"127.0.0.1:8080\"\ntls_addr = \"127.0.0.1:8080\"\ntls_cert = \"c\"\ntls_key = \"k\""));
     assert!(e.iter().any(|e| e.contains("listen.tls_addr: 127.0.0.1:8080 is also listen.addr")), "{e:?}");
+    let e = errors(&listen("addr = \"127.0.0.1:8080\"\nadmin_addr = \"127.0.0.1:8080\""));
+    assert!(e.iter().any(|e| e.contains("listen.admin_addr: 127.0.0.1:8080 is also listen.addr")), "{e:?}");
     // Files are resolved next to the config file and read at load.
     let e = errors(&listen("tls_addr = \"127.0.0.1:8443\"\ntls_cert = \"tls/c.pem\"\ntls_key = \"tls/k.pem\""));
     assert!(e[0].contains("listen.tls_cert: /etc/mr/tls/c.pem: cannot read certificates"), "{e:?}");

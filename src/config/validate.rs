@@ -240,12 +240,15 @@ impl Validator<'_> {
                 None
             }
         };
-        if let (Some(a), Some(b)) = (addr, tls_addr)
-            && a == b
-            && a.port() != 0
-        {
-            ok = false;
-            self.err_nowhere("listen.tls_addr", format!("{b} is also listen.addr: use two ports"));
+        let named = [(addr, "listen.addr"), (tls_addr, "listen.tls_addr"), (admin_addr, "listen.admin_addr")];
+        for (i, (a, key)) in named.iter().enumerate() {
+            if let Some((_, first)) =
+                named[..i].iter().find(|(b, _)| a.is_some() && b == a && a.is_some_and(|a| a.port() != 0))
+            {
+                ok = false;
+                let a = a.map(|a| a.to_string()).unwrap_or_default();
+                self.err_nowhere(key, format!("{a} is also {first}: each listener needs its own port"));
+            }
         }
         let proxy_protocol = raw.proxy_protocol.is_some_and(|p| *p.get_ref());
         let listen = ok.then_some(Listen { addr, tls_addr, proxy_protocol, admin_addr });
