@@ -270,3 +270,57 @@ async fn upstreams_are_told_the_client_came_over_tls() {
     let seen = seen.text().await.unwrap();
     assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
 }
+
+/// Waits up to 10 s for a log line of `p` containing `needle`; that line.
+fn wait_for_log(p: &ProxyProcess, needle: &str, count: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = p.log_lines(needle);
+        if lines.len() >= count {
+            return lines[count - 1].clone();
+        }
+        assert!(Instant::now() < deadline, "no {needle:?} in {:?}", p.log_lines(""));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_to_the_running_process_swaps_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("mediaroute test CA");
+    install(dir.path(), &ca.leaf("media-1.studio.test", &["localhost"], 2040));
+    let primary = store::serve(loopback0(), Store::new("primary")).await.unwrap();
+    let replica = store::serve(loopback0(), Store::new("replica")).await.unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let text = config_text(primary.addr, replica.addr, "", "").replace(
+        "[listen]\naddr = \"127.0.0.1:0\"",
+        &format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\ntls_addr = \"127.0.0.1:0\"\ntls_cert = {:?}\ntls_key = {:?}",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    );
+    let p = ProxyProcess::spawn(&text);
+    let line = wait_for_log(&p, "listening (TLS)", 1);
+    let port = line.split("addr=").nth(1).and_then(|a| a.split_whitespace().next()).unwrap();
+    let port: std::net::SocketAddr = port.parse().unwrap();
+    let url = format!("https://localhost:{}/", port.port());
+    let cn = |ca: &Ca| {
+        let (ca, url) = (ca.pem(), url.clone());
+        async move { pki::served_cn(&pki::https_client(&ca).build().unwrap().get(url).send().await.unwrap()) }
+    };
+    assert_eq!(cn(&ca).await, "media-1.studio.test");
+
+    install(dir.path(), &ca.leaf("media-2.studio.test", &["localhost"], 2041));
+    p.signal("HUP");
+    wait_for_log(&p, "configuration reloaded", 1);
+    assert_eq!(cn(&ca).await, "media-2.studio.test");
+
+    // A key that is not this certificate's: refused, logged by file name, never by content.
+    pki::write(dir.path(), "key.pem", &ca.leaf("x", &["x.test"], 2041).key);
+    p.signal("HUP");
+    let refused = wait_for_log(&p, "reload rejected", 1);
+    assert!(refused.contains("does not belong to the certificate"), "{refused}");
+    assert_eq!(cn(&ca).await, "media-2.studio.test");
+    assert!(p.log_lines("PRIVATE KEY").is_empty());
+}
