@@ -471,7 +471,7 @@ impl Proxy {
         let Ok(req) = build_request(table, Upstream::Primary, out.method.clone(), out, headers, ReqBody::Empty) else {
             return Learned::Failed;
         };
-        let sent = tokio::time::timeout(self.probe_timeout, self.upstreams.client().request(req)).await;
+        let sent = tokio::time::timeout(self.probe_timeout, self.upstreams.send_raw(req)).await;
         let (learned, result) = match sent {
             Ok(Ok(resp)) => {
                 let answer = probe::read_answer(resp.status(), resp.headers());

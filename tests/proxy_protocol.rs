@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -58,24 +59,14 @@ where
 fn v2(src: std::net::SocketAddr, dst: std::net::SocketAddr) -> Vec<u8> {
     let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
     h.push(0x21); // version 2, PROXY
-    let mut addrs = Vec::new();
-    match (src, dst) {
-        (std::net::SocketAddr::V4(s), std::net::SocketAddr::V4(d)) => {
-            h.push(0x11); // TCP over IPv4
-            addrs.extend_from_slice(&s.ip().octets());
-            addrs.extend_from_slice(&d.ip().octets());
-            addrs.extend_from_slice(&s.port().to_be_bytes());
-            addrs.extend_from_slice(&d.port().to_be_bytes());
-        }
-        (std::net::SocketAddr::V6(s), std::net::SocketAddr::V6(d)) => {
-            h.push(0x21); // TCP over IPv6
-            addrs.extend_from_slice(&s.ip().octets());
-            addrs.extend_from_slice(&d.ip().octets());
-            addrs.extend_from_slice(&s.port().to_be_bytes());
-            addrs.extend_from_slice(&d.port().to_be_bytes());
-        }
+    let (family, mut addrs) = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (0x11, [s.octets(), d.octets()].concat()), // TCP over IPv4
+        (IpAddr::V6(s), IpAddr::V6(d)) => (0x21, [s.octets(), d.octets()].concat()), // TCP over IPv6
         _ => unreachable!("one family"),
-    }
+    };
+    h.push(family);
+    addrs.extend_from_slice(&src.port().to_be_bytes());
+    addrs.extend_from_slice(&dst.port().to_be_bytes());
     // An AWS TLV (type 0xEA: the VPC endpoint id), which mediaroute ignores.
     let tlv = [&[0xEA, 0x00, 0x05, 0x01][..], b"vpce"].concat();
     h.extend_from_slice(&((addrs.len() + tlv.len()) as u16).to_be_bytes());

@@ -169,14 +169,12 @@ fn describe(cert: &CertificateDer<'_>) -> Result<(String, Vec<String>, i64), Str
         for n in &san.value.general_names {
             match n {
                 GeneralName::DNSName(d) => names.push((*d).to_string()),
-                GeneralName::IPAddress(b) => match <[u8; 4]>::try_from(*b) {
-                    Ok(v4) => names.push(std::net::Ipv4Addr::from(v4).to_string()),
-                    Err(_) => {
-                        if let Ok(v6) = <[u8; 16]>::try_from(*b) {
-                            names.push(std::net::Ipv6Addr::from(v6).to_string());
-                        }
-                    }
-                },
+                GeneralName::IPAddress(b) => {
+                    let ip = <[u8; 4]>::try_from(*b)
+                        .map(std::net::IpAddr::from)
+                        .or_else(|_| <[u8; 16]>::try_from(*b).map(std::net::IpAddr::from));
+                    names.extend(ip.map(|ip| ip.to_string()));
+                }
                 _ => {}
             }
         }

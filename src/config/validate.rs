@@ -223,11 +223,10 @@ impl Validator<'_> {
                     }
                 }
             }
-            (Some(a), cert, key) => {
+            (Some(a), cert, _) => {
                 ok = false;
                 let missing = if cert.is_none() { "listen.tls_cert" } else { "listen.tls_key" };
                 self.err_at(a.span(), missing, "missing: the TLS listener needs tls_cert and tls_key (PEM files)");
-                let _ = key;
                 None
             }
             (None, cert, key) => {
@@ -242,11 +241,10 @@ impl Validator<'_> {
         };
         let named = [(addr, "listen.addr"), (tls_addr, "listen.tls_addr"), (admin_addr, "listen.admin_addr")];
         for (i, (a, key)) in named.iter().enumerate() {
-            if let Some((_, first)) =
-                named[..i].iter().find(|(b, _)| a.is_some() && b == a && a.is_some_and(|a| a.port() != 0))
-            {
+            // Port 0 (any free port) may appear more than once.
+            let Some(a) = a.filter(|a| a.port() != 0) else { continue };
+            if let Some((_, first)) = named[..i].iter().find(|(b, _)| *b == Some(a)) {
                 ok = false;
-                let a = a.map(|a| a.to_string()).unwrap_or_default();
                 self.err_nowhere(key, format!("{a} is also {first}: each listener needs its own port"));
             }
         }

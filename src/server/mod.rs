@@ -41,6 +41,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The bound listeners do not fit the config (callers of [`start_on`] bind them).
+    #[error("{0}")]
+    Listeners(&'static str),
 }
 
 /// A running proxy: its addresses, its state, and a way to stop it.
@@ -57,7 +60,8 @@ pub struct Running {
     pub proxy: Arc<Proxy>,
     grace: Duration,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    /// One accept loop per listener.
+    accepting: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -71,8 +75,13 @@ impl Running {
     pub async fn shutdown(self) {
         self.proxy.set_ready(false);
         let _ = self.stop.send(true);
-        // The accept loop itself bounds the wait by the grace period.
-        if tokio::time::timeout(self.grace + Duration::from_secs(2), self.task).await.is_err() {
+        // The accept loops themselves bound the wait by the grace period.
+        let loops = async {
+            for task in self.accepting {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(self.grace + Duration::from_secs(2), loops).await.is_err() {
             tracing::warn!("server did not stop in time");
         }
         for task in self.background {
@@ -134,8 +143,7 @@ pub async fn start_on(cfg: Config, bound: Bound) -> Result<Running, ServerError>
     let tls_addr = bound.tls.as_ref().map(|l| addr_of(l, cfg.listen.tls_addr)).transpose()?;
     let admin_addr = bound.admin.as_ref().map(|l| addr_of(l, cfg.listen.admin_addr)).transpose()?;
     let Some(local) = plain.or(tls_addr) else {
-        let source = std::io::Error::other("no proxy listener: set listen.addr or listen.tls_addr");
-        return Err(ServerError::Bind { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source });
+        return Err(ServerError::Listeners("no proxy listener: set listen.addr or listen.tls_addr"));
     };
     for w in &cfg.warnings {
         tracing::warn!("{w}");
@@ -153,8 +161,7 @@ pub async fn start_on(cfg: Config, bound: Bound) -> Result<Running, ServerError>
             Some(tls::acceptor(Arc::clone(&tables), Arc::clone(&cert.certified)))
         }
         (Some(_), None) => {
-            let source = std::io::Error::other("listen.tls_addr needs listen.tls_cert and listen.tls_key");
-            return Err(ServerError::Bind { addr: tls_addr.unwrap_or(local), source });
+            return Err(ServerError::Listeners("listen.tls_addr needs listen.tls_cert and listen.tls_key"));
         }
         (None, _) => None,
     };
@@ -169,10 +176,10 @@ pub async fn start_on(cfg: Config, bound: Bound) -> Result<Running, ServerError>
     let shared = Arc::new(Shared::new(&cfg.limits, cfg.listen.proxy_protocol, Arc::clone(&proxy)));
     let listeners: Vec<(TcpListener, Option<TlsAcceptor>)> =
         bound.proxy.map(|l| (l, None)).into_iter().chain(bound.tls.map(|l| (l, acceptor))).collect();
-    let task = tokio::spawn(async move {
-        let loops = listeners.into_iter().map(|(l, tls)| accept_loop(l, tls, Arc::clone(&shared), stopped.clone()));
-        futures_join_all(loops).await;
-    });
+    let accepting = listeners
+        .into_iter()
+        .map(|(l, tls)| tokio::spawn(accept_loop(l, tls, Arc::clone(&shared), stopped.clone())))
+        .collect();
     proxy.set_ready(true);
     if let Some(a) = plain {
         tracing::info!(addr = %a, proxy_protocol = cfg.listen.proxy_protocol, "listening");
@@ -180,15 +187,16 @@ pub async fn start_on(cfg: Config, bound: Bound) -> Result<Running, ServerError>
     if let (Some(a), Some(cert)) = (tls_addr, &cfg.tls) {
         tracing::info!(addr = %a, proxy_protocol = cfg.listen.proxy_protocol, subject = %cert.subject, "listening (TLS)");
     }
-    Ok(Running { addr: local, tls_addr, admin_addr, proxy, grace: cfg.limits.shutdown_grace, stop, task, background })
-}
-
-/// Runs every future to its end.
-async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futures: impl Iterator<Item = F>) {
-    let handles: Vec<JoinHandle<()>> = futures.map(tokio::spawn).collect();
-    for h in handles {
-        let _ = h.await;
-    }
+    Ok(Running {
+        addr: local,
+        tls_addr,
+        admin_addr,
+        proxy,
+        grace: cfg.limits.shutdown_grace,
+        stop,
+        accepting,
+        background,
+    })
 }
 
 /// What every connection of every listener shares.

@@ -235,9 +235,10 @@ impl Upstreams {
         }
     }
 
-    /// The raw client, for probes.
-    pub fn client(&self) -> HttpClient {
-        self.pools.load().client.clone()
+    /// Sends a request as it is, without the timing and health accounting of
+    /// [`Upstreams::send`] (probes have their own).
+    pub fn send_raw(&self, req: Request<ReqBody>) -> hyper_util::client::legacy::ResponseFuture {
+        self.pools.load().client.request(req)
     }
 }
 
