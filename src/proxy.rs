@@ -9,9 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::access::AccessRecord;
 use arc_swap::ArcSwapOption;
@@ -31,7 +30,7 @@ use crate::probe::{self, FactsCache, Learned, ObjectKey, Writing, Written};
 use crate::route::{self, Probed, Reason, RequestFacts};
 use crate::sign::{self, SignError, credentials::Keys};
 use crate::table::{RoutingTable, Tables, Upstream};
-use crate::upstream::{ExchangeError, LocalFault, SendError, Upstreams, error_chain};
+use crate::upstream::{Exchange, ExchangeError, LocalFault, SendError, Upstreams, error_chain};
 
 /// Shared state of the proxy service.
 #[derive(Debug)]
@@ -51,6 +50,36 @@ pub struct Proxy {
     idle_timeout: Duration,
     metrics: Arc<Metrics>,
     ready: AtomicBool,
+}
+
+/// Where routing sent a request, before anything was sent.
+enum Routed<'a> {
+    /// A download: to the primary, or to the replica first with its request (signed if
+    /// the replica is) built.
+    Read { out: Outgoing<'a>, replica: Option<Request<ReqBody>>, reason: Reason },
+    /// Everything else goes to the primary with its body; `written` is what it may change.
+    Write { out: Outgoing<'a>, reason: Reason, written: Option<Written> },
+}
+
+/// A lean-path answer, with what must live until its body has been sent: its access
+/// record (logged when dropped) and its place among the requests in flight.
+#[derive(Debug)]
+pub struct LeanAnswer<B> {
+    /// The response head and body.
+    pub resp: Response<Answer<B>>,
+    /// The request's access record: the sender fills in how the body went.
+    pub record: Box<AccessRecord>,
+    /// The request's place among those in flight (`limits.max_requests`).
+    pub slot: Option<OwnedSemaphorePermit>,
+}
+
+/// The body of a lean-path answer.
+#[derive(Debug)]
+pub enum Answer<B> {
+    /// An upstream's body, to be streamed.
+    Upstream(B),
+    /// A small answer made here (errors).
+    Own(RespBody),
 }
 
 /// A request head ready to be sent to either upstream, borrowing the client's URI.
@@ -134,8 +163,62 @@ impl Proxy {
         let table = self.tables.current();
         let (mut parts, body) = req.into_parts();
         let stream = parts.version == http::Version::HTTP_2;
-        // Dropped with the request if the client goes away first: then it logs a 499.
-        let mut rec = Box::new(AccessRecord {
+        let mut rec = self.record(&parts, peer);
+        let mut slot = match self.request_slot(&mut rec) {
+            Ok(slot) => Some(slot),
+            Err(refused) => return refused.map(|b| b.with_record(rec)),
+        };
+        let resp = match self.forward(&table, &mut parts, body, peer, &mut rec, &mut slot).await {
+            Ok(resp) => {
+                // An upstream's answer: how its body ends tells that upstream's health.
+                rec.health = Some(Arc::clone(self.upstreams.health_board()));
+                // HTTP/2 streams share a connection: one that stalls is not the connection's
+                // idleness, so each gets a watchdog of its own.
+                if stream { resp.map(|b| b.watch_stream(self.idle_timeout)) } else { resp }
+            }
+            Err(e) => self.failed(e, &mut rec),
+        };
+        rec.status = resp.status().as_u16();
+        let resp = resp.map(|b| b.on_connection(connection));
+        // A write's task holds its slot until the primary has answered, client or not.
+        let resp = match slot {
+            Some(slot) => resp.map(|b| b.holding_slot(slot)),
+            None => resp,
+        };
+        resp.map(|b| b.with_record(rec))
+    }
+
+    /// Serves one download that arrived on the lean path (README "The lean download
+    /// path"): the same admission, routing, probe, signing and fallback as
+    /// [`Proxy::serve`], sent through `via`. The caller sends the answer, then drops its
+    /// record (the access log line) and its slot.
+    pub async fn serve_lean<E: Exchange>(&self, via: &E, mut parts: Parts, peer: SocketAddr) -> LeanAnswer<E::Body> {
+        let table = self.tables.current();
+        let mut rec = self.record(&parts, peer);
+        let slot = match self.request_slot(&mut rec) {
+            Ok(slot) => slot,
+            Err(refused) => return LeanAnswer { resp: refused.map(Answer::Own), record: rec, slot: None },
+        };
+        let answered = match self.route(&table, &mut parts, peer, &mut rec).await {
+            Ok(Routed::Read { out, replica, reason }) => self.read(via, &table, out, replica, reason, &mut rec).await,
+            Ok(Routed::Write { .. }) => Err(ProxyError::Internal("the lean path took a request that is not a download")),
+            Err(e) => Err(e),
+        };
+        let resp = match answered {
+            Ok(resp) => {
+                rec.health = Some(Arc::clone(self.upstreams.health_board()));
+                resp.map(Answer::Upstream)
+            }
+            Err(e) => self.failed(e, &mut rec).map(Answer::Own),
+        };
+        rec.status = resp.status().as_u16();
+        LeanAnswer { resp, record: rec, slot: Some(slot) }
+    }
+
+    /// The access record of a request that has just arrived; dropped before a status is
+    /// decided (the client went away first), it logs a 499.
+    fn record(&self, parts: &Parts, peer: SocketAddr) -> Box<AccessRecord> {
+        Box::new(AccessRecord {
             start: Instant::now(),
             user: None,
             client: peer.ip().to_canonical(),
@@ -151,70 +234,55 @@ impl Proxy {
             client_closed: false,
             metrics: Some(Arc::clone(&self.metrics)),
             health: None,
-        });
-        // HTTP/2 multiplies requests per connection: they are limited on their own.
-        let Ok(request_slot) = Arc::clone(&self.in_flight).try_acquire_owned() else {
+        })
+    }
+
+    /// A place among the requests in flight (`limits.max_requests`), or the 503 that says
+    /// there is none. HTTP/2 multiplies requests per connection: they are limited on their own.
+    fn request_slot(&self, rec: &mut AccessRecord) -> Result<OwnedSemaphorePermit, Response<RespBody>> {
+        Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| {
             let e = ProxyError::Local(LocalFault::TooManyRequests);
             static REFUSED: crate::throttle::Every = crate::throttle::Every::new(Duration::from_secs(10));
             if let Some(held) = REFUSED.allow() {
                 tracing::warn!(error = %e, also_refused_since_last_warning = held, "request refused");
             }
             rec.status = e.status_and_code().0.as_u16();
-            return e.to_response(&rec.path).map(|b| b.with_record(rec));
-        };
-        let mut slot = Some(request_slot);
-        let resp = match self.forward(&table, &mut parts, body, peer, &mut rec, &mut slot).await {
-            Ok(resp) => {
-                // An upstream's answer: how its body ends tells that upstream's health.
-                rec.health = Some(Arc::clone(self.upstreams.health_board()));
-                // HTTP/2 streams share a connection: one that stalls is not the connection's
-                // idleness, so each gets a watchdog of its own.
-                if stream { resp.map(|b| b.watch_stream(self.idle_timeout)) } else { resp }
+            e.to_response(&rec.path)
+        })
+    }
+
+    /// The answer to a request that failed, logged by who failed and labelled.
+    fn failed(&self, e: ProxyError, rec: &mut AccessRecord) -> Response<RespBody> {
+        let mut resp = e.to_response(&rec.path);
+        match &e {
+            ProxyError::Upstream { upstream, .. } => {
+                tracing::warn!(error = %error_chain(&e), path = &*rec.path, "upstream request failed");
+                rec.upstream = Some(*upstream);
+                label(resp.headers_mut(), *upstream, rec.reason);
             }
-            Err(e) => {
-                let mut resp = e.to_response(&rec.path);
-                match &e {
-                    ProxyError::Upstream { upstream, .. } => {
-                        tracing::warn!(error = %error_chain(&e), path = &*rec.path, "upstream request failed");
-                        rec.upstream = Some(*upstream);
-                        label(resp.headers_mut(), *upstream, rec.reason);
-                    }
-                    ProxyError::Client(fault) => {
-                        // The client's doing: no alert-worthy log line, no health failure.
-                        tracing::debug!(error = %e, path = &*rec.path, "client side of the request failed");
-                        if *fault == ClientFault::Closed {
-                            // Nobody is there to read a body.
-                            rec.client_closed = true;
-                            *resp.body_mut() = RespBody::empty();
-                        }
-                        if let Some(u) = rec.upstream {
-                            label(resp.headers_mut(), u, rec.reason);
-                        }
-                    }
-                    ProxyError::Internal(_) => tracing::error!(error = %e, path = &*rec.path, "request failed"),
-                    ProxyError::Local(_) => {
-                        // Logged where it happened. The request reached no upstream: it is
-                        // counted against none of them.
-                        rec.upstream = None;
-                    }
-                    ProxyError::Refused(_)
-                    | ProxyError::BadRequest(_)
-                    | ProxyError::TooManyHeaders
-                    | ProxyError::NotImplemented(_) => {
-                        tracing::debug!(error = %e, "request refused")
-                    }
+            ProxyError::Client(fault) => {
+                // The client's doing: no alert-worthy log line, no health failure.
+                tracing::debug!(error = %e, path = &*rec.path, "client side of the request failed");
+                if *fault == ClientFault::Closed {
+                    // Nobody is there to read a body.
+                    rec.client_closed = true;
+                    *resp.body_mut() = RespBody::empty();
                 }
-                resp
+                if let Some(u) = rec.upstream {
+                    label(resp.headers_mut(), u, rec.reason);
+                }
             }
-        };
-        rec.status = resp.status().as_u16();
-        let resp = resp.map(|b| b.on_connection(connection));
-        // A write's task holds its slot until the primary has answered, client or not.
-        let resp = match slot {
-            Some(slot) => resp.map(|b| b.holding_slot(slot)),
-            None => resp,
-        };
-        resp.map(|b| b.with_record(rec))
+            ProxyError::Internal(_) => tracing::error!(error = %e, path = &*rec.path, "request failed"),
+            ProxyError::Local(_) => {
+                // Logged where it happened. The request reached no upstream: it is
+                // counted against none of them.
+                rec.upstream = None;
+            }
+            ProxyError::Refused(_) | ProxyError::BadRequest(_) | ProxyError::TooManyHeaders | ProxyError::NotImplemented(_) => {
+                tracing::debug!(error = %e, "request refused")
+            }
+        }
+        resp
     }
 
     async fn forward(
@@ -224,13 +292,38 @@ impl Proxy {
         body: Incoming,
         peer: SocketAddr,
         rec: &mut AccessRecord,
-        slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+        slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Response<RespBody>, ProxyError> {
+        match self.route(table, parts, peer, rec).await? {
+            Routed::Read { out, replica, reason } => {
+                let resp = self.read(&*self.upstreams, table, out, replica, reason, rec).await?;
+                Ok(resp.map(RespBody::upstream))
+            }
+            Routed::Write { mut out, reason, written } => {
+                let headers = std::mem::take(&mut out.headers);
+                let req =
+                    build_request(table, Upstream::Primary, out.method.clone(), &out, headers, ReqBody::stream(body))?;
+                self.write(req, reason, written.map(|w| self.facts.begin_write(w)), slot.take()).await
+            }
+        }
+    }
+
+    /// Admits a request and decides where it goes (probing the primary if the rules need
+    /// it), with its head rewritten for the upstreams and, for the replica, signed.
+    async fn route<'a>(
+        &self,
+        table: &RoutingTable,
+        parts: &'a mut Parts,
+        peer: SocketAddr,
+        rec: &mut AccessRecord,
+    ) -> Result<Routed<'a>, ProxyError> {
         check_head(parts, self.max_headers)?;
-        let query = parts.uri.query();
-        let ctx = client::context(table, peer.ip(), &parts.headers, query);
+        let Parts { method, uri, headers, extensions, .. } = parts;
+        let uri: &'a Uri = uri;
+        let query = uri.query();
+        let ctx = client::context(table, peer.ip(), headers, query);
         rec.client = ctx.ip;
-        let admitted = match route::admit(table, parts.method == Method::CONNECT, parts.uri.path(), query) {
+        let admitted = match route::admit(table, *method == Method::CONNECT, uri.path(), query) {
             Ok(a) => a,
             Err(refusal) => {
                 rec.user = ctx.user;
@@ -238,31 +331,31 @@ impl Proxy {
             }
         };
 
-        if fold_content_length(&mut parts.headers).is_err() {
+        if fold_content_length(headers).is_err() {
             // Two lengths for one body: which one frames it is exactly what smuggling exploits.
             return Err(ProxyError::BadRequest("the request has conflicting Content-Length headers"));
         }
-        let read = parts.method == Method::GET || parts.method == Method::HEAD;
+        let read = *method == Method::GET || *method == Method::HEAD;
         let facts = RequestFacts {
             read,
             object: admitted.object,
             replica_down: self.upstreams.health(Upstream::Replica).is_down(),
         };
-        let proto = if parts.extensions.get::<OverTls>().is_some() { "https" } else { "http" };
-        let mut out = outgoing(table, &parts.method, &parts.uri, &mut parts.headers, peer, proto);
+        let proto = if extensions.get::<OverTls>().is_some() { "https" } else { "http" };
+        let mut out = outgoing(table, method, uri, headers, peer, proto);
         let probed = if route::needs_probe(table, &ctx, &facts) {
-            self.probe(table, &out, ObjectKey::new(parts.uri.path(), query)).await
+            self.probe(table, &out, ObjectKey::new(uri.path(), query)).await
         } else {
             Probed::NotProbed
         };
         let (mut upstream, mut reason) = route::decide(table, &ctx, &facts, probed);
-        let mut signed_replica = None;
+        let mut replica = None;
         if upstream == Upstream::Replica {
             // Keep a copy of the head only if the primary may still need it.
             let keep = table.fallback || table.signs_replica();
             let headers = if keep { out.headers.clone() } else { std::mem::take(&mut out.headers) };
             match self.replica_request(table, &out, headers) {
-                Ok(req) => signed_replica = Some(req),
+                Ok(req) => replica = Some(req),
                 Err(e) => {
                     static UNSIGNED: crate::throttle::Every = crate::throttle::Every::new(Duration::from_secs(10));
                     if let Some(held) = UNSIGNED.allow() {
@@ -275,58 +368,9 @@ impl Proxy {
         rec.user = ctx.user;
         rec.upstream = Some(upstream);
         rec.reason = Some(reason);
-
-        if let Some(req) = signed_replica {
-            let cause = match self.upstreams.send(Upstream::Replica, req).await {
-                Ok(resp) => match replica_missed(resp.status()).filter(|_| table.fallback) {
-                    None => return Ok(to_client(resp, Upstream::Replica, reason)),
-                    Some(cause) => {
-                        tracing::debug!(
-                            path = out.path,
-                            status = resp.status().as_u16(),
-                            "replica missed; falling back"
-                        );
-                        if cause.is_miss() {
-                            // A well-formed "not here" is a healthy replica.
-                            self.upstreams.health(Upstream::Replica).success();
-                        }
-                        if cause == FallbackCause::Denied && table.signs_replica() {
-                            // mediaroute's own key lacks rights: say so, not only fall back
-                            // (README "Authentication").
-                            static REFUSED: crate::throttle::Every =
-                                crate::throttle::Every::new(Duration::from_secs(10));
-                            if let Some(held) = REFUSED.allow() {
-                                tracing::warn!(
-                                    path = out.path,
-                                    also_since_last_warning = held,
-                                    "the replica refused mediaroute's own credentials (403): give them s3:GetObject \
-                                     and s3:ListBucket on the replica bucket"
-                                );
-                            }
-                        }
-                        drain_small(resp).await;
-                        cause
-                    }
-                },
-                Err(ExchangeError::Upstream(e)) if table.fallback => {
-                    tracing::debug!(path = out.path, error = %error_chain(&e), "replica failed; falling back");
-                    failure_cause(&e)
-                }
-                Err(e) => return Err(ProxyError::exchange(Upstream::Replica, e)),
-            };
-            self.metrics.fallback(cause);
-            rec.upstream = Some(Upstream::Primary);
-            rec.reason = Some(Reason::Fallback);
-            let headers = std::mem::take(&mut out.headers);
-            let req = build_request(table, Upstream::Primary, out.method.clone(), &out, headers, ReqBody::Empty)?;
-            return self.send_primary(req, Reason::Fallback).await;
-        }
-        let headers = std::mem::take(&mut out.headers);
         if read {
-            let req = build_request(table, Upstream::Primary, out.method.clone(), &out, headers, ReqBody::Empty)?;
-            return self.send_primary(req, reason).await;
+            return Ok(Routed::Read { out, replica, reason });
         }
-        let req = build_request(table, Upstream::Primary, out.method.clone(), &out, headers, ReqBody::stream(body))?;
         let written = if admitted.key {
             Some(Written::Key(out.path.into()))
         } else if names_multi_delete(query) {
@@ -334,7 +378,74 @@ impl Proxy {
         } else {
             None
         };
-        self.write(req, reason, written.map(|w| self.facts.begin_write(w)), slot.take()).await
+        Ok(Routed::Write { out, reason, written })
+    }
+
+    /// Sends a download where it was routed: to the replica first when it was routed
+    /// there, falling back to the primary on a miss or a failure when `fallback` allows
+    /// (README "Fallback"); otherwise to the primary.
+    async fn read<E: Exchange>(
+        &self,
+        via: &E,
+        table: &RoutingTable,
+        out: Outgoing<'_>,
+        replica: Option<Request<ReqBody>>,
+        reason: Reason,
+        rec: &mut AccessRecord,
+    ) -> Result<Response<E::Body>, ProxyError> {
+        let Some(req) = replica else { return self.primary(via, table, out, reason).await };
+        let cause = match via.send(Upstream::Replica, req).await {
+            Ok(resp) => match replica_missed(resp.status()).filter(|_| table.fallback) {
+                None => return Ok(to_client(resp, Upstream::Replica, reason)),
+                Some(cause) => {
+                    tracing::debug!(path = out.path, status = resp.status().as_u16(), "replica missed; falling back");
+                    if cause.is_miss() {
+                        // A well-formed "not here" is a healthy replica.
+                        self.upstreams.health(Upstream::Replica).success();
+                    }
+                    if cause == FallbackCause::Denied && table.signs_replica() {
+                        // mediaroute's own key lacks rights: say so, not only fall back
+                        // (README "Authentication").
+                        static REFUSED: crate::throttle::Every = crate::throttle::Every::new(Duration::from_secs(10));
+                        if let Some(held) = REFUSED.allow() {
+                            tracing::warn!(
+                                path = out.path,
+                                also_since_last_warning = held,
+                                "the replica refused mediaroute's own credentials (403): give them s3:GetObject \
+                                 and s3:ListBucket on the replica bucket"
+                            );
+                        }
+                    }
+                    via.discard(resp).await;
+                    cause
+                }
+            },
+            Err(ExchangeError::Upstream(e)) if table.fallback => {
+                tracing::debug!(path = out.path, error = %error_chain(&e), "replica failed; falling back");
+                failure_cause(&e)
+            }
+            Err(e) => return Err(ProxyError::exchange(Upstream::Replica, e)),
+        };
+        self.metrics.fallback(cause);
+        rec.upstream = Some(Upstream::Primary);
+        rec.reason = Some(Reason::Fallback);
+        self.primary(via, table, out, Reason::Fallback).await
+    }
+
+    /// Sends a download to the primary.
+    async fn primary<E: Exchange>(
+        &self,
+        via: &E,
+        table: &RoutingTable,
+        mut out: Outgoing<'_>,
+        reason: Reason,
+    ) -> Result<Response<E::Body>, ProxyError> {
+        let headers = std::mem::take(&mut out.headers);
+        let req = build_request(table, Upstream::Primary, out.method.clone(), &out, headers, ReqBody::Empty)?;
+        match via.send(Upstream::Primary, req).await {
+            Ok(resp) => Ok(to_client(resp, Upstream::Primary, reason)),
+            Err(e) => Err(ProxyError::exchange(Upstream::Primary, e)),
+        }
     }
 
     /// Sends a write to the primary. The exchange runs in a task of its own, and the
@@ -345,7 +456,7 @@ impl Proxy {
         req: Request<ReqBody>,
         reason: Reason,
         writing: Option<Writing>,
-        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+        slot: Option<OwnedSemaphorePermit>,
     ) -> Result<Response<RespBody>, ProxyError> {
         let upstreams = Arc::clone(&self.upstreams);
         let idle = self.idle_timeout;
@@ -377,7 +488,7 @@ impl Proxy {
         });
         match answer_rx.await {
             Ok(Ok((resp, writing, slot))) => {
-                let mut resp = to_client(resp, Upstream::Primary, reason);
+                let mut resp = to_client(resp, Upstream::Primary, reason).map(RespBody::upstream);
                 if let Some(w) = writing {
                     resp = resp.map(|b| b.holding(w, idle));
                 }
@@ -388,13 +499,6 @@ impl Proxy {
             }
             Ok(Err(e)) => Err(ProxyError::exchange(Upstream::Primary, e)),
             Err(_) => Err(ProxyError::Internal("the write task ended unexpectedly")),
-        }
-    }
-
-    async fn send_primary(&self, req: Request<ReqBody>, reason: Reason) -> Result<Response<RespBody>, ProxyError> {
-        match self.upstreams.send(Upstream::Primary, req).await {
-            Ok(resp) => Ok(to_client(resp, Upstream::Primary, reason)),
-            Err(e) => Err(ProxyError::exchange(Upstream::Primary, e)),
         }
     }
 
@@ -479,7 +583,7 @@ impl Proxy {
                     tracing::debug!(status = resp.status().as_u16(), "probe: no read allowed");
                 }
                 // The byte asked for, read so that the connection can be used again.
-                tokio::spawn(drain_small(resp));
+                tokio::spawn(crate::upstream::drain_small(resp));
                 answer
             }
             Ok(Err(e)) => {
@@ -515,16 +619,6 @@ fn check_head(parts: &Parts, max_headers: usize) -> Result<(), ProxyError> {
 /// Whether a query is S3's multi-object delete (`POST /bucket?delete`).
 fn names_multi_delete(query: Option<&str>) -> bool {
     query.is_some_and(|q| q.split('&').any(|pair| pair == "delete" || pair.starts_with("delete=")))
-}
-
-/// Reads a small error body to its end so the upstream connection can be reused.
-async fn drain_small(resp: Response<Incoming>) {
-    const SMALL: u64 = 64 * 1024;
-    let len = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if len.is_some_and(|n| n <= SMALL) {
-        let body = http_body_util::Limited::new(resp.into_body(), SMALL as usize);
-        let _ = tokio::time::timeout(Duration::from_millis(500), body.collect()).await;
-    }
 }
 
 /// The replica answers that send a download to the primary: "the replica does not have
@@ -628,7 +722,7 @@ fn build_request(
 }
 
 /// The upstream's response, cleaned of hop-by-hop headers and labelled.
-fn to_client(resp: Response<Incoming>, upstream: Upstream, reason: Reason) -> Response<RespBody> {
+fn to_client<B>(resp: Response<B>, upstream: Upstream, reason: Reason) -> Response<B> {
     let (mut parts, body) = resp.into_parts();
     // The upstream's HTTP version is its own; the client gets this server's.
     parts.version = http::Version::HTTP_11;
@@ -643,7 +737,7 @@ fn to_client(resp: Response<Incoming>, upstream: Upstream, reason: Reason) -> Re
     }
     remove_hop_by_hop(&mut parts.headers);
     label(&mut parts.headers, upstream, Some(reason));
-    Response::from_parts(parts, RespBody::upstream(body))
+    Response::from_parts(parts, body)
 }
 
 /// Adds `X-Mediaroute-Upstream` and, when known, `X-Mediaroute-Reason`.

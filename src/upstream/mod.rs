@@ -242,6 +242,57 @@ impl Upstreams {
     }
 }
 
+/// How a download's request reaches an upstream: hyper's pooled client ([`Upstreams`]),
+/// or the lean path's own HTTP/1.1 client (README "The lean download path"). Both time
+/// the exchange and count failures against the upstream's health the same way.
+pub trait Exchange {
+    /// The response body this transport yields.
+    type Body: Send;
+
+    /// Sends `req` (its URI absolute) to `which` and waits for the response head.
+    fn send(
+        &self,
+        which: Upstream,
+        req: Request<ReqBody>,
+    ) -> impl Future<Output = Result<Response<Self::Body>, ExchangeError>> + Send;
+
+    /// Reads a small answer that will not be passed on to its end, so that its connection
+    /// can be used again; a large or slow one is dropped with its connection.
+    fn discard(&self, resp: Response<Self::Body>) -> impl Future<Output = ()> + Send;
+}
+
+impl Exchange for Upstreams {
+    type Body = Incoming;
+
+    fn send(
+        &self,
+        which: Upstream,
+        req: Request<ReqBody>,
+    ) -> impl Future<Output = Result<Response<Incoming>, ExchangeError>> + Send {
+        Upstreams::send(self, which, req)
+    }
+
+    fn discard(&self, resp: Response<Incoming>) -> impl Future<Output = ()> + Send {
+        drain_small(resp)
+    }
+}
+
+/// Answers up to this size are read to their end rather than dropped with their connection.
+pub const DRAIN_SMALL: u64 = 64 * 1024;
+
+/// How long reading such an answer may take.
+pub const DRAIN_WITHIN: Duration = Duration::from_millis(500);
+
+/// Reads a small error body to its end so the upstream connection can be reused.
+pub async fn drain_small(resp: Response<Incoming>) {
+    use http_body_util::BodyExt;
+    let len = resp.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if len.is_some_and(|n| n <= DRAIN_SMALL) {
+        let body = http_body_util::Limited::new(resp.into_body(), DRAIN_SMALL as usize);
+        let _ = tokio::time::timeout(DRAIN_WITHIN, body.collect()).await;
+    }
+}
+
 /// The keep-alive pools of requests and of health checks.
 #[derive(Debug)]
 struct Pools {
