@@ -244,6 +244,9 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Time a new connection has for its PROXY header and TLS handshake.
     pub handshake_timeout: Duration,
+    /// Serve plain HTTP/1.1 downloads on mediaroute's own HTTP/1.1 code, splicing their
+    /// bodies (README "The lean download path"); `false` sends everything through hyper.
+    pub lean_path: bool,
 }
 
 /// `[health]`.

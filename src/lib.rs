@@ -15,6 +15,7 @@ pub mod demo;
 pub mod duration;
 pub mod error;
 pub mod explain;
+pub mod h1;
 pub mod headers;
 pub mod health;
 pub mod idle;

@@ -201,7 +201,9 @@ impl Proxy {
         };
         let answered = match self.route(&table, &mut parts, peer, &mut rec).await {
             Ok(Routed::Read { out, replica, reason }) => self.read(via, &table, out, replica, reason, &mut rec).await,
-            Ok(Routed::Write { .. }) => Err(ProxyError::Internal("the lean path took a request that is not a download")),
+            Ok(Routed::Write { .. }) => {
+                Err(ProxyError::Internal("the lean path took a request that is not a download"))
+            }
             Err(e) => Err(e),
         };
         let resp = match answered {
@@ -278,7 +280,10 @@ impl Proxy {
                 // counted against none of them.
                 rec.upstream = None;
             }
-            ProxyError::Refused(_) | ProxyError::BadRequest(_) | ProxyError::TooManyHeaders | ProxyError::NotImplemented(_) => {
+            ProxyError::Refused(_)
+            | ProxyError::BadRequest(_)
+            | ProxyError::TooManyHeaders
+            | ProxyError::NotImplemented(_) => {
                 tracing::debug!(error = %e, "request refused")
             }
         }

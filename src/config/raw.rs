@@ -94,6 +94,7 @@ pub(super) struct RawLimits {
     pub(super) age_cache_entries: Option<Spanned<i64>>,
     pub(super) shutdown_grace: Option<S>,
     pub(super) handshake_timeout: Option<S>,
+    pub(super) lean_path: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]

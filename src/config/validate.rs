@@ -617,6 +617,7 @@ impl Validator<'_> {
             age_cache_entries: entries? as usize,
             shutdown_grace: grace?,
             handshake_timeout: handshake?,
+            lean_path: raw.lean_path.unwrap_or(true),
         })
     }
 

@@ -2,8 +2,10 @@
 //! configured, and serve HTTP/1.1 and HTTP/2 on them; and the reload orchestration that
 //! keeps them serving (README "Operating", "TLS", "Behind an NLB").
 
+mod lean;
 pub mod proxy_protocol;
 pub mod reload;
+mod splice;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -207,6 +209,7 @@ struct Shared {
     proxy_protocol: bool,
     /// At most `limits.max_connections` connections over all listeners.
     slots: Arc<Semaphore>,
+    lean: lean::LeanShared,
 }
 
 impl Shared {
@@ -230,6 +233,7 @@ impl Shared {
             limits: limits.clone(),
             proxy_protocol,
             slots: Arc::new(Semaphore::new(limits.max_connections as usize)),
+            lean: lean::LeanShared { pipes: splice::Pipes::default() },
         }
     }
 }
@@ -251,7 +255,12 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let conn = Connection { shared: Arc::clone(&shared), tls: tls.clone(), watcher: graceful.watcher() };
+                    let conn = Connection {
+                        shared: Arc::clone(&shared),
+                        tls: tls.clone(),
+                        watcher: graceful.watcher(),
+                        stopped: stopped.clone(),
+                    };
                     tokio::spawn(conn.run(stream, peer, permit));
                 }
                 Err(e) => {
@@ -277,7 +286,9 @@ async fn accept_loop(
 struct Connection {
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
+    /// Keeps the graceful shutdown waiting for this connection.
     watcher: Watcher,
+    stopped: watch::Receiver<bool>,
 }
 
 impl Connection {
@@ -316,8 +327,28 @@ impl Connection {
                     tracing::debug!(%peer, ?within, "no TLS handshake in time");
                 }
             },
-            None if prefix.is_empty() => self.http(stream, peer, false, permit).await,
-            None => self.http(proxy_protocol::Rewind::new(prefix, stream), peer, false, permit).await,
+            None if self.shared.limits.lean_path => {
+                let lean = lean::LeanConn {
+                    proxy: &self.shared.proxy,
+                    limits: &self.shared.limits,
+                    shared: &self.shared.lean,
+                    peer,
+                    stopped: self.stopped.clone(),
+                };
+                if let Some((stream, read)) = lean.serve(stream, prefix).await {
+                    self.plain(stream, read, peer, permit).await;
+                }
+            }
+            None => self.plain(stream, prefix, peer, permit).await,
+        }
+    }
+
+    /// Serves a plain connection on hyper, `read` being its bytes read already.
+    async fn plain(self, stream: TcpStream, read: Bytes, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+        if read.is_empty() {
+            self.http(stream, peer, false, permit).await
+        } else {
+            self.http(proxy_protocol::Rewind::new(read, stream), peer, false, permit).await
         }
     }
 

@@ -23,7 +23,7 @@ use crate::table::{Tables, Upstream};
 #[error("no upstream connection free within {0:?} (limits.max_upstream_connections)")]
 pub struct QueueFull(pub Duration);
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use super::BoxError;
 
 /// The permits of each upstream, by authority (an upstream that moves on reload gets its own).
 #[derive(Debug)]
@@ -46,9 +46,9 @@ impl Caps {
         Arc::clone(map.entry(authority.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.limit))))
     }
 
-    /// A permit for a new connection to `uri`'s upstream, waiting in its queue if need be.
-    async fn permit(&self, uri: &Uri) -> Result<OwnedSemaphorePermit, QueueFull> {
-        let authority = uri.authority().map_or("", |a| a.as_str());
+    /// A permit for a new connection to the upstream at `authority`, waiting in its queue
+    /// if need be.
+    pub async fn permit(&self, authority: &str) -> Result<OwnedSemaphorePermit, QueueFull> {
         let semaphore = self.semaphore(authority);
         if let Ok(p) = Arc::clone(&semaphore).try_acquire_owned() {
             return Ok(p);
@@ -105,7 +105,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, ready);
         let caps = Arc::clone(&self.caps);
         Box::pin(async move {
-            let permit = caps.permit(&uri).await?;
+            let permit = caps.permit(uri.authority().map_or("", |a| a.as_str())).await?;
             let io = inner.call(uri).await.map_err(Into::into)?;
             Ok(CappedIo { io, _permit: permit })
         })

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use crate::config::Config;
 use crate::table::Tables;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use super::BoxError;
 
 /// Connects to `http` and `https` upstreams. An upstream with a `ca_file` is verified
 /// against that file alone, as loaded by the current table (so a reload re-reads it);

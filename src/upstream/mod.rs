@@ -3,6 +3,7 @@
 
 pub mod capped;
 pub mod connect;
+pub mod lean;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,9 @@ use crate::metrics::Metrics;
 use crate::table::{Tables, Upstream};
 use capped::{Capped, Caps, QueueFull};
 use connect::Connector;
+
+/// An error from a connection's layers, as hyper's and our own connectors give them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Largest read buffer per upstream connection.
 const UPSTREAM_READ_BUF: usize = 64 * 1024;
@@ -62,7 +66,7 @@ pub enum LocalFault {
 }
 
 /// Whether an exchange error is mediaroute running out of something, and what.
-fn local_fault(e: &(dyn std::error::Error + 'static)) -> Option<LocalFault> {
+pub(crate) fn local_fault(e: &(dyn std::error::Error + 'static)) -> Option<LocalFault> {
     use rustix::io::Errno;
     let local = [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM, Errno::ADDRNOTAVAIL];
     let mut cause = Some(e);
@@ -80,12 +84,20 @@ fn local_fault(e: &(dyn std::error::Error + 'static)) -> Option<LocalFault> {
     None
 }
 
+/// Says, at most every 10 seconds, that mediaroute ran out of something.
+fn local_limit_reached(e: &dyn std::error::Error) {
+    static LOCAL: crate::throttle::Every = crate::throttle::Every::new(Duration::from_secs(10));
+    if let Some(held) = LOCAL.allow() {
+        tracing::warn!(error = %error_chain(e), also_since_last_warning = held, "local limit reached");
+    }
+}
+
 /// Why an upstream exchange produced no response head, on the upstream's side.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// The connection could not be made (refused, unreachable, connect timeout, TLS).
     #[error("unreachable")]
-    Connect(#[source] hyper_util::client::legacy::Error),
+    Connect(#[source] BoxError),
     /// No response head within `limits.upstream_header_timeout` of the request's end.
     #[error("no response within {0:?} of the request's end")]
     Timeout(Duration),
@@ -94,7 +106,7 @@ pub enum SendError {
     Stalled(Duration),
     /// The connection broke before a response head arrived.
     #[error("connection failed")]
-    Failed(#[source] hyper_util::client::legacy::Error),
+    Failed(#[source] BoxError),
     /// The upstream answered something HTTP does not allow here.
     #[error("{0}")]
     Protocol(&'static str),
@@ -126,6 +138,9 @@ pub struct Upstreams {
     health: Arc<HealthBoard>,
     header_timeout: Duration,
     body_timeout: Duration,
+    /// The lean path's own client, under the same caps and health (README "The lean
+    /// download path").
+    lean: lean::LeanClient,
 }
 
 impl Upstreams {
@@ -137,14 +152,23 @@ impl Upstreams {
         let caps =
             Arc::new(Caps::new(l.max_upstream_connections, l.upstream_queue_timeout, tables, Arc::clone(metrics)));
         let max_idle = 256.min(l.max_upstream_connections as usize);
+        let health = Arc::new(HealthBoard::new(h.rise, h.fall, metrics));
+        let lean = lean::LeanClient::new(
+            Arc::clone(&caps),
+            Arc::clone(&health),
+            max_idle,
+            l.upstream_connect_timeout,
+            l.upstream_header_timeout,
+        );
         Upstreams {
             pools: arc_swap::ArcSwap::from_pointee(Pools::new(&connector, &caps, max_idle)),
             connector,
             caps,
             max_idle,
-            health: Arc::new(HealthBoard::new(h.rise, h.fall, metrics)),
+            health,
             header_timeout: l.upstream_header_timeout,
             body_timeout: l.body_timeout,
+            lean,
         }
     }
 
@@ -153,6 +177,12 @@ impl Upstreams {
     /// `ca_file` (README "HTTPS upstreams").
     pub fn renew_pools(&self) {
         self.pools.store(Arc::new(Pools::new(&self.connector, &self.caps, self.max_idle)));
+        self.lean.clear();
+    }
+
+    /// The lean path's client (plain-HTTP upstreams only).
+    pub fn lean(&self) -> &lean::LeanClient {
+        &self.lean
     }
 
     /// The client of active health checks.
@@ -209,19 +239,16 @@ impl Upstreams {
                 Err(fault.into())
             }
             Ok(Err(e)) if let Some(fault) = local_fault(&e) => {
-                static LOCAL: crate::throttle::Every = crate::throttle::Every::new(Duration::from_secs(10));
-                if let Some(held) = LOCAL.allow() {
-                    tracing::warn!(upstream = which.as_str(), error = %error_chain(&e), also_since_last_warning = held, "local limit reached");
-                }
+                local_limit_reached(&e);
                 Err(fault.into())
             }
             Ok(Err(e)) if e.is_connect() => {
                 health.failure("connect error");
-                Err(SendError::Connect(e).into())
+                Err(SendError::Connect(e.into()).into())
             }
             Ok(Err(e)) => {
                 health.failure("connection failed");
-                Err(SendError::Failed(e).into())
+                Err(SendError::Failed(e.into()).into())
             }
             Err(Overdue::NoAnswer) => {
                 health.failure("response timeout");
