@@ -106,9 +106,7 @@ fn lean(req: &httparse::Request<'_, '_>, head: &[u8]) -> Option<(http::request::
         let value = HeaderValue::from_bytes(h.value).ok()?;
         if name == header::HOST {
             hosts += 1;
-            let host = value.to_str().ok()?;
-            // Authority allows userinfo, which a Host header must not carry.
-            if host.is_empty() || host.contains('@') || host.parse::<http::uri::Authority>().is_err() {
+            if !is_host(h.value) {
                 return None;
             }
         } else if name == header::CONTENT_LENGTH {
@@ -145,6 +143,18 @@ fn lean(req: &httparse::Request<'_, '_>, head: &[u8]) -> Option<(http::request::
     parts.version = Version::HTTP_11;
     parts.headers = headers;
     Some((parts, close))
+}
+
+/// Whether a Host value is `uri-host [ ":" port ]` (RFC 9110 section 7.2): an Authority
+/// without the userinfo and non-numeric ports that `http::uri::Authority` lets through.
+fn is_host(value: &[u8]) -> bool {
+    let Ok(s) = std::str::from_utf8(value) else { return false };
+    let Ok(authority) = s.parse::<http::uri::Authority>() else { return false };
+    let port = &s[authority.host().len()..];
+    !s.contains('@')
+        && !authority.host().is_empty()
+        && (port.is_empty()
+            || (port.len() > 1 && port[1..].bytes().all(|b| b.is_ascii_digit()) && authority.port_u16().is_some()))
 }
 
 /// The request-target as a URI when it is origin-form (`/path?query`) in visible ASCII with
@@ -320,6 +330,10 @@ mod tests {
         assert_handoff("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n");
         assert_handoff("GET / HTTP/1.1\r\nHost: user@a\r\n\r\n");
         assert_handoff("GET / HTTP/1.1\r\nHost: a:port\r\n\r\n");
+        assert_handoff("GET / HTTP/1.1\r\nHost: a:\r\n\r\n");
+        assert_handoff("GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n");
+        assert_handoff("GET / HTTP/1.1\r\nHost: :80\r\n\r\n");
+        assert_handoff("GET / HTTP/1.1\r\nHost: a:+80\r\n\r\n");
         assert_handoff("GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n");
         assert!(matches!(parse_str("GET / HTTP/1.1\r\nHOST: [::1]:8080\r\n\r\n"), Parsed::Lean(_)));
         assert!(matches!(parse_str("GET / HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n"), Parsed::Lean(_)));
@@ -368,19 +382,19 @@ mod tests {
     #[test]
     fn size_limits() {
         let small = Limits { max_head: 64, max_headers: 16 };
-        let fits = "GET / HTTP/1.1\r\nHost: a\r\nX: 0123456789012345678901234\r\n\r\n";
+        let fits = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "v".repeat(32));
         assert_eq!(fits.len(), 64);
         assert!(matches!(parse(fits.as_bytes(), &small), Parsed::Lean(ref l) if l.head_len == 64));
-        let over = "GET / HTTP/1.1\r\nHost: a\r\nX: 01234567890123456789012345\r\n\r\n";
+        let over = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "v".repeat(33));
         assert!(matches!(parse(over.as_bytes(), &small), Parsed::Handoff));
         // Incomplete: Partial below the limit, Handoff once the buffer reaches it.
         assert!(matches!(parse(&over.as_bytes()[..63], &small), Parsed::Partial));
         assert!(matches!(parse(&over.as_bytes()[..64], &small), Parsed::Handoff));
         // A huge value near the default limit.
-        let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "v".repeat(8192 - 33));
+        let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "v".repeat(8192 - 32));
         assert_eq!(big.len(), 8192);
         assert!(matches!(parse_str(&big), Parsed::Lean(_)));
-        let bigger = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "v".repeat(8192 - 32));
+        let bigger = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "v".repeat(8192 - 31));
         assert!(matches!(parse_str(&bigger), Parsed::Handoff));
         assert!(matches!(parse(&bigger.as_bytes()[..8000], &LIMITS), Parsed::Partial));
     }

@@ -69,8 +69,15 @@ carol = "no"
 }
 
 /// Starts the proxy in-process on a config text.
+///
+/// With `MEDIAROUTE_TEST_LEAN_PATH=false` in the environment, every proxy started here
+/// serves all requests on hyper (`limits.lean_path = false`): CI runs the suite both ways
+/// (README "The lean download path").
 pub async fn start_proxy(text: &str) -> Running {
-    let cfg = config::parse(Path::new("test.toml"), text, &|_| Ok(String::new())).expect("test config is valid");
+    let mut cfg = config::parse(Path::new("test.toml"), text, &|_| Ok(String::new())).expect("test config is valid");
+    if std::env::var("MEDIAROUTE_TEST_LEAN_PATH").is_ok_and(|v| v == "false") {
+        cfg.limits.lean_path = false;
+    }
     server::start(cfg).await.expect("proxy starts")
 }
 
