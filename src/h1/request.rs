@@ -35,6 +35,10 @@ pub struct LeanRequest {
 
 /// What the start of a client's buffer is.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per request and moved on at once; a Box would cost an allocation"
+)]
 pub enum Parsed {
     /// No complete head yet, and it may still fit: read more.
     Partial,
