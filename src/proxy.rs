@@ -53,12 +53,21 @@ pub struct Proxy {
 }
 
 /// Where routing sent a request, before anything was sent.
-enum Routed<'a> {
-    /// A download: to the primary, or to the replica first with its request (signed if
-    /// the replica is) built.
-    Read { out: Outgoing<'a>, replica: Option<Request<ReqBody>>, reason: Reason },
-    /// Everything else goes to the primary with its body; `written` is what it may change.
-    Write { out: Outgoing<'a>, reason: Reason, written: Option<Written> },
+struct Routed<'a> {
+    out: Outgoing<'a>,
+    reason: Reason,
+    /// The replica's request (signed if the replica is), when a download goes there first.
+    replica: Option<Request<ReqBody>>,
+    kind: Kind,
+}
+
+/// A download, or a request with a body for the primary.
+enum Kind {
+    Read,
+    /// `written` is what the request may change.
+    Write {
+        written: Option<Written>,
+    },
 }
 
 /// A lean-path answer, with what must live until its body has been sent: its access
@@ -200,8 +209,10 @@ impl Proxy {
             Err(refused) => return LeanAnswer { resp: refused.map(Answer::Own), record: rec, slot: None },
         };
         let answered = match self.route(&table, &mut parts, peer, &mut rec).await {
-            Ok(Routed::Read { out, replica, reason }) => self.read(via, &table, out, replica, reason, &mut rec).await,
-            Ok(Routed::Write { .. }) => {
+            Ok(Routed { out, reason, replica, kind: Kind::Read }) => {
+                self.read(via, &table, out, replica, reason, &mut rec).await
+            }
+            Ok(Routed { kind: Kind::Write { .. }, .. }) => {
                 Err(ProxyError::Internal("the lean path took a request that is not a download"))
             }
             Err(e) => Err(e),
@@ -241,7 +252,7 @@ impl Proxy {
 
     /// A place among the requests in flight (`limits.max_requests`), or the 503 that says
     /// there is none. HTTP/2 multiplies requests per connection: they are limited on their own.
-    fn request_slot(&self, rec: &mut AccessRecord) -> Result<OwnedSemaphorePermit, Response<RespBody>> {
+    fn request_slot(&self, rec: &mut AccessRecord) -> Result<OwnedSemaphorePermit, Box<Response<RespBody>>> {
         Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| {
             let e = ProxyError::Local(LocalFault::TooManyRequests);
             static REFUSED: crate::throttle::Every = crate::throttle::Every::new(Duration::from_secs(10));
@@ -249,7 +260,7 @@ impl Proxy {
                 tracing::warn!(error = %e, also_refused_since_last_warning = held, "request refused");
             }
             rec.status = e.status_and_code().0.as_u16();
-            e.to_response(&rec.path)
+            Box::new(e.to_response(&rec.path))
         })
     }
 
@@ -300,11 +311,11 @@ impl Proxy {
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Response<RespBody>, ProxyError> {
         match self.route(table, parts, peer, rec).await? {
-            Routed::Read { out, replica, reason } => {
+            Routed { out, reason, replica, kind: Kind::Read } => {
                 let resp = self.read(&*self.upstreams, table, out, replica, reason, rec).await?;
                 Ok(resp.map(RespBody::upstream))
             }
-            Routed::Write { mut out, reason, written } => {
+            Routed { mut out, reason, kind: Kind::Write { written }, .. } => {
                 let headers = std::mem::take(&mut out.headers);
                 let req =
                     build_request(table, Upstream::Primary, out.method.clone(), &out, headers, ReqBody::stream(body))?;
@@ -374,7 +385,7 @@ impl Proxy {
         rec.upstream = Some(upstream);
         rec.reason = Some(reason);
         if read {
-            return Ok(Routed::Read { out, replica, reason });
+            return Ok(Routed { out, reason, replica, kind: Kind::Read });
         }
         let written = if admitted.key {
             Some(Written::Key(out.path.into()))
@@ -383,7 +394,7 @@ impl Proxy {
         } else {
             None
         };
-        Ok(Routed::Write { out, reason, written })
+        Ok(Routed { out, reason, replica, kind: Kind::Write { written } })
     }
 
     /// Sends a download where it was routed: to the replica first when it was routed

@@ -192,6 +192,8 @@ impl LeanConn<'_> {
                 && left >= SPLICE_FROM
                 && out.is_empty()
             {
+                // A long splice to a slow client holds no buffer of its own.
+                out = Vec::new();
                 let mut moved = 0;
                 // `from` borrows the body: what it moved is recorded after.
                 let spliced = self.shared.pipes.splice(from, stream, left, idle, &mut moved).await;
