@@ -2,10 +2,18 @@
 # Side-by-side load comparison: mediaroute vs nginx vs HAProxy doing the same routing,
 # in front of the same two origins, measured in one run, interleaved and repeated.
 #
+# Targets (ONLY selects a subset, in this order): direct mediaroute nginx-64k nginx-default
+# haproxy haproxy-splice. haproxy-splice is a second HAProxy process with the same config plus
+# kernel splicing of response bodies (splice(2) through a pipe, no copy to user space).
+#
 #   bash benches/compare/run.sh            # full run (about 15 minutes)
 #   ROUNDS=1 DURATION=5 bash benches/compare/run.sh   # quick look
 #   ONLY="direct mediaroute" TESTS="4k slow" bash benches/compare/run.sh   # a subset
 #   ONLY="mediaroute nginx-64k" TESTS="4k 4k-tls 1g 1g-tls" bash benches/compare/run.sh
+#   ONLY="mediaroute haproxy haproxy-splice" MEDIAROUTE_BIN=/path/to/mediaroute bash benches/compare/run.sh
+#
+# Knobs: ROUNDS (3), DURATION (10, seconds per wrk test), SLOW_CLIENTS (1000), ONLY, TESTS,
+# MEDIAROUTE_BIN (a mediaroute binary to measure; unset, the script builds target/release).
 #
 # TESTS: 4k 1m 1g slow (the default), and 4k-tls 1g-tls: the 4k and 1g tests against TLS
 # listeners of mediaroute and nginx (one self-signed ECDSA P-256 certificate made for the run;
@@ -43,16 +51,24 @@ PROXY_CPU=0
 LOAD_CPU=$(( $(nproc) > 1 ? 1 : 0 ))
 
 P1=19101; P2=19102          # origins: primary, replica
-MR=19181; NG=19182; NGD=19184; HA=19183
+MR=19181; NG=19182; NGD=19184; HA=19183; HAS=19188   # HAS: haproxy-splice
 MRS=19185; NGS=19186; NGDS=19187          # TLS listeners: mediaroute, nginx-64k, nginx-default
 
 TESTS="${TESTS:-4k 1m 1g slow}"
 want() { [[ " $TESTS " == *" $1 "* ]]; }
 TLS=0; if want 4k-tls || want 1g-tls; then TLS=1; fi
 
-echo "== building mediaroute (release)"
-cargo build --release --quiet
-MEDIAROUTE="$ROOT/target/release/mediaroute"
+# MEDIAROUTE_BIN: measure a binary built elsewhere (another worktree or target dir), e.g. while
+# the default target dir is busy with someone else's build.
+if [ -n "${MEDIAROUTE_BIN:-}" ]; then
+    MEDIAROUTE="$MEDIAROUTE_BIN"
+    [ -x "$MEDIAROUTE" ] || { echo "MEDIAROUTE_BIN=$MEDIAROUTE is not an executable file"; exit 1; }
+    echo "== using mediaroute at $MEDIAROUTE"
+else
+    echo "== building mediaroute (release)"
+    cargo build --release --quiet
+    MEDIAROUTE="$ROOT/target/release/mediaroute"
+fi
 
 echo "== preparing origin data in $WORK"
 for side in primary replica; do
@@ -166,20 +182,25 @@ EOF
 
 printf 'alice yes\nbob auto\ncarol no\n' > "$WORK/users.map"
 printf '10.20.0.0/16\n' > "$WORK/networks.lst"
-cat > "$WORK/haproxy.cfg" <<EOF
+# One function writes both HAProxy configs, so haproxy-splice differs from haproxy only in the
+# lines passed as extras.
+haproxy_cfg() { # port, pid file, extra lines for global, extra lines for defaults
+    cat <<EOF
 global
     nbthread 1
     maxconn 5000
-    pidfile $WORK/haproxy.pid
-defaults
+    pidfile $2
+${3:+$3
+}defaults
     mode http
     timeout connect 3s
     timeout client 60s
     timeout server 60s
     option http-keep-alive
     http-reuse always
-frontend fe
-    bind 127.0.0.1:$HA
+${4:+$4
+}frontend fe
+    bind 127.0.0.1:$1
     http-request set-src hdr_ip(x-forwarded-for,-1) if { src 127.0.0.0/8 } { req.hdr(x-forwarded-for) -m found }
     http-request set-var(txn.mode) req.hdr(x-forwarded-user),map($WORK/users.map,no)
     http-request del-header x-forwarded-user
@@ -195,6 +216,28 @@ backend primary
 backend replica
     server r 127.0.0.1:$P2 maxconn 0
 EOF
+}
+haproxy_cfg "$HA" "$WORK/haproxy.pid" "" "" > "$WORK/haproxy.cfg"
+# haproxy-splice: "option splice-auto" alone is not enough here: its heuristic waits for the
+# response channel to be flagged a fast streamer, and on this machine (HAProxy 2.6.12) a 1 GiB
+# download through it made 0 splice and ~66,000 recvfrom calls (perf stat on
+# syscalls:sys_enter_splice). "option splice-response" splices every response body the H1 mux
+# can (the 4 KiB responses arrive with their headers in one read and are still copied);
+# splice-auto stays for the request direction, which these GETs do not use.
+# maxpipes: HAProxy's default is maxconn/4 (1,250) and it falls back to copying when none is
+# free; each slow download holds a full pipe while its client sleeps, so allow one per slow
+# download plus the throughput tests' 64 connections. HAProxy raises its fd limit by two per
+# pipe (2 x 5,000 + 2 x maxpipes stays under this machine's 20,000 hard limit at the default
+# SLOW_CLIENTS). Pipes are created on demand, so unused ones cost nothing.
+# tune.pipesize is left at the kernel default (64 KiB = 16 pages): the pipe is HAProxy's whole
+# forwarding buffer in this mode, and 64 KiB is what nginx-64k and mediaroute read per step.
+# Pipe pages are kernel memory, not RSS (like socket buffers): the RSS rows leave them out, and
+# the slow test's pipes_open row shows how many were held. (Non-root users get 1-page pipes past
+# fs.pipe-user-pages-soft, 16,384 pages here; the script runs as root, which is exempt.)
+haproxy_cfg "$HAS" "$WORK/haproxy-splice.pid" \
+    "    maxpipes $(( SLOW_CLIENTS + 64 ))" \
+    "    option splice-auto
+    option splice-response" > "$WORK/haproxy-splice.cfg"
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 start() { # name, cpu, command...
@@ -207,9 +250,10 @@ start origin "$LOAD_CPU" nginx -c "$WORK/origin.conf" -g "daemon off;"
 start mediaroute "$PROXY_CPU" "$MEDIAROUTE" run --config "$WORK/mediaroute.toml"
 start nginx "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -g "daemon off;"
 start haproxy "$PROXY_CPU" haproxy -f "$WORK/haproxy.cfg" -db
+start haproxy-splice "$PROXY_CPU" haproxy -f "$WORK/haproxy-splice.cfg" -db
 sleep 1.5
 URLS=()
-for port in $P1 $P2 $MR $NG $NGD $HA; do URLS+=("http://127.0.0.1:$port"); done
+for port in $P1 $P2 $MR $NG $NGD $HA $HAS; do URLS+=("http://127.0.0.1:$port"); done
 [ "$TLS" = 1 ] && for port in $MRS $NGS $NGDS; do URLS+=("https://127.0.0.1:$port"); done
 for url in "${URLS[@]}"; do
     curl -skf -o /dev/null "$url/media/check.txt" || { echo "$url is not serving"; tail "$WORK"/*.out "$WORK"/*.log; ls -la "$WORK" "$WORK/primary"; exit 1; }
@@ -217,15 +261,16 @@ done
 
 # Process ids per target, for CPU and memory accounting (master and workers).
 tree_pids() { local p="$1"; echo "$p"; pgrep -P "$p" 2>/dev/null || true; }
-declare -A PID_OF=( [mediaroute]="${PIDS[1]}" [nginx-64k]="${PIDS[2]}" [nginx-default]="${PIDS[2]}" [haproxy]="${PIDS[3]}" [direct]="${PIDS[0]}" )
-declare -A PORT_OF=( [mediaroute]=$MR [nginx-64k]=$NG [nginx-default]=$NGD [haproxy]=$HA [direct]=$P2 )
+declare -A PID_OF=( [mediaroute]="${PIDS[1]}" [nginx-64k]="${PIDS[2]}" [nginx-default]="${PIDS[2]}" [haproxy]="${PIDS[3]}" [haproxy-splice]="${PIDS[4]}" [direct]="${PIDS[0]}" )
+declare -A PORT_OF=( [mediaroute]=$MR [nginx-64k]=$NG [nginx-default]=$NGD [haproxy]=$HA [haproxy-splice]=$HAS [direct]=$P2 )
 declare -A TLS_PORT_OF=( [mediaroute]=$MRS [nginx-64k]=$NGS [nginx-default]=$NGDS )
-TARGETS=(direct mediaroute nginx-64k nginx-default haproxy)
-PROXIES=(mediaroute nginx-64k nginx-default haproxy)
-if [ -n "${ONLY:-}" ]; then
-    read -r -a TARGETS <<< "$ONLY"
-    PROXIES=(); for t in "${TARGETS[@]}"; do [ "$t" = direct ] || PROXIES+=("$t"); done
-fi
+TARGETS=(direct mediaroute nginx-64k nginx-default haproxy haproxy-splice)
+if [ -n "${ONLY:-}" ]; then read -r -a TARGETS <<< "$ONLY"; fi
+PROXIES=()
+for t in "${TARGETS[@]}"; do
+    [ -n "${PORT_OF[$t]:-}" ] || { echo "ONLY: unknown target '$t' (known: ${!PORT_OF[*]})"; exit 1; }
+    [ "$t" = direct ] || PROXIES+=("$t")
+done
 TICK=$(getconf CLK_TCK)
 tree_sum() { # pid, file under /proc/PID, awk program printing one number: summed over the tree
     local total=0 p
@@ -235,16 +280,24 @@ tree_sum() { # pid, file under /proc/PID, awk program printing one number: summe
     done
     echo "$total"
 }
+# The single-quoted $N below are awk's fields, not shell expansions.
+# shellcheck disable=SC2016
 cpu_ticks() { tree_sum "$1" stat '{print $14 + $15}'; }   # utime + stime
 cpu_stat() { awk -v c="cpu$1" '$1 == c {print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6}' /proc/stat; }   # busy (steal included), idle + iowait
+# shellcheck disable=SC2016
 rss_kib() { tree_sum "$1" status '/^VmRSS:/ {print $2}'; }
+pipes_open() { # pid: distinct pipes the tree holds (spliced connections, plus a few internal ones)
+    local p
+    for p in $(tree_pids "$1"); do find "/proc/$p/fd" -lname 'pipe:*' -printf '%l\n' 2>/dev/null || true; done | sort -u | wc -l
+}
 
 echo "== routing check: every proxy must send each request to the same origin"
 check_cases=(
     "alice||GET" "alice|198.51.100.1|GET" "bob|10.20.3.4|GET" "bob|198.51.100.1|GET"
     "carol|10.20.3.4|GET" "|10.20.3.4|GET" "zed||GET" "alice||PUT" "bob|10.20.3.4, 198.51.100.2|GET"
 )
-printf '%-34s %-10s %-10s %-14s %-10s\n' "user|xff|method" mediaroute nginx-64k nginx-default haproxy
+# One column per selected proxy (ONLY), in the same order as the row values below.
+printf '%-34s' "user|xff|method"; printf ' %-14s' "${PROXIES[@]}"; echo
 mismatch=0
 for c in "${check_cases[@]}"; do
     IFS='|' read -r user xff method <<< "$c"
@@ -257,7 +310,7 @@ for c in "${check_cases[@]}"; do
         body=$(curl "${args[@]}" 2>/dev/null | tr -d '\r' | awk -F': ' 'tolower($1) == "x-origin" {print $2}')
         row+=("$body")
     done
-    printf '%-34s %-10s %-10s %-14s %-10s\n' "$c" "${row[@]}"
+    printf '%-34s' "$c"; printf ' %-14s' "${row[@]}"; echo
     for r in "${row[@]}"; do [ "$r" = "${row[0]}" ] || mismatch=1; done
 done
 [ "$mismatch" = 0 ] || { echo "routing differs between proxies: stop"; exit 1; }
@@ -294,10 +347,13 @@ cat > "$WORK/alice.lua" <<'EOF'
 wrk.headers["X-Forwarded-User"] = "alice"
 EOF
 
-# Results: one line per measurement, "metric target value".
+# Results: one line per measurement, "metric target value round". The round number lets the
+# summary pair mediaroute's round-k value with a peer's round-k value; an empty value (a test
+# that printed no number) is written as "-" so the fields stay aligned, and the summary skips it.
 RESULTS="$WORK/results.txt"
 : > "$RESULTS"
-record() { echo "$1 $2 $3" >> "$RESULTS"; }
+ROUND=0
+record() { echo "$1 $2 ${3:--} $ROUND" >> "$RESULTS"; }
 
 run_wrk() { # target, path, connections, tag, base URL -> records rps, p99_ms, mbps, cpu_us_per_req
     local t="$1" path="$2" conns="$3" tag="$4" base="${5:-http://127.0.0.1:${PORT_OF[$1]}}"
@@ -356,20 +412,40 @@ async def main():
 asyncio.run(main())
 EOF
 
-run_slow() { # target: RSS with SLOW_CLIENTS slow downloads in flight
-    local t="$1" pid="${PID_OF[$1]}" peak=0 r
+declare -A SLOW_BASE=()   # pid -> its idle RSS (KiB) right before its first slow downloads
+run_slow() { # target: RSS with SLOW_CLIENTS slow downloads in flight, and per download
+    local t="$1" pid="${PID_OF[$1]}" peak=0 pipes=0 idle base r p
+    # Idle RSS of the same process right before the clients connect, not at start-up: the
+    # throughput tests above have grown every heap by different amounts.
+    idle=$(rss_kib "$pid")
+    # The per-download figure is taken against the idle RSS before the process's first slow
+    # round, not before this round: allocators keep what the previous round's connections
+    # freed (mediaroute, 200 clients: idle 22 MiB before round 1, 82 MiB before round 2, peak
+    # 78 and 81 MiB), so against its own round's idle a later round reuses that memory and
+    # shows about 0 KiB per download. Keyed by PID: nginx-64k and nginx-default are one
+    # process, and nginx-default's baseline is nginx's before any slow download reached it.
+    base="${SLOW_BASE[$pid]:-$idle}"
+    SLOW_BASE[$pid]=$base
     taskset -c "$LOAD_CPU" python3 "$WORK/slow.py" "${PORT_OF[$t]}" "$SLOW_CLIENTS" 12 &
     local spid=$!
     for _ in $(seq 1 10); do
         sleep 1
         r=$(rss_kib "$pid"); [ "$r" -gt "$peak" ] && peak=$r
+        p=$(pipes_open "$pid"); [ "$p" -gt "$pipes" ] && pipes=$p
     done
     wait "$spid" || true
     record "slow${SLOW_CLIENTS}_rss_MiB" "$t" "$(awk -v k="$peak" 'BEGIN {printf "%.1f", k / 1024}')"
+    record "slow${SLOW_CLIENTS}_rss_idle_MiB" "$t" "$(awk -v k="$idle" 'BEGIN {printf "%.1f", k / 1024}')"
+    record "slow${SLOW_CLIENTS}_rss_per_download_KiB" "$t" "$(awk -v a="$peak" -v b="$base" -v n="$SLOW_CLIENTS" 'BEGIN {printf "%.1f", (a - b) / n}')"
+    # Not a cost to compare (pipe pages are kernel memory, outside RSS): shows whether a proxy
+    # spliced, i.e. held one pipe per slow download.
+    record "slow${SLOW_CLIENTS}_pipes_open" "$t" "$pipes"
+    echo "   $t: RSS idle $((idle / 1024)) MiB (before the first slow round $((base / 1024))), with $SLOW_CLIENTS slow downloads $((peak / 1024)) MiB, $(( (peak - base) / SLOW_CLIENTS )) KiB each; $pipes pipes open"
     sleep 2
 }
 
 for round in $(seq 1 "$ROUNDS"); do
+    ROUND=$round
     echo "== round $round of $ROUNDS"
     for t in "${TARGETS[@]}"; do
         echo " - $t"
@@ -388,13 +464,14 @@ done
 # and the throughput tests above should not depend on which proxy's slow test ran before.
 if want slow; then
     for round in $(seq 1 "$ROUNDS"); do
+        ROUND=$round
         echo "== slow downloads, round $round of $ROUNDS"
         for t in "${PROXIES[@]}"; do run_slow "$t"; done
     done
 fi
 
 # What the proxies wrote (mediaroute logs at warn, nginx and HAProxy their errors).
-for f in mediaroute.out nginx.out nginx-error.log haproxy.out; do
+for f in mediaroute.out nginx.out nginx-error.log haproxy.out haproxy-splice.out; do
     [ -s "$WORK/$f" ] || continue
     echo "== $f: $(wc -l < "$WORK/$f") lines, the last 5:"
     tail -n 5 "$WORK/$f" | cut -c1-300
@@ -404,38 +481,59 @@ echo
 echo "== results: median of $ROUNDS rounds (min-max), ratios against direct and the best peer"
 python3 - "$RESULTS" <<'EOF'
 import statistics, sys, collections
-vals = collections.defaultdict(list)
+vals = collections.defaultdict(dict)   # (metric, target) -> {round: value}
 for line in open(sys.argv[1]):
-    m, t, v = line.split()
+    m, t, v, k = line.split()
     try:
-        vals[(m, t)].append(float(v))
+        vals[(m, t)][int(k)] = float(v)
     except ValueError:
         pass
 metrics = sorted({m for m, _ in vals}, key=lambda m: (m.split("_")[0], m))
-targets = ["direct", "mediaroute", "nginx-64k", "nginx-default", "haproxy"]
+# Columns: the targets that ran, in the usual order (any other name after them).
+order = ["direct", "mediaroute", "nginx-64k", "nginx-default", "haproxy", "haproxy-splice"]
+ran = {t for _, t in vals}
+targets = [t for t in order if t in ran] + sorted(ran - set(order))
+# Peers: every target that ran other than mediaroute and direct (haproxy-splice included).
+peers = [t for t in targets if t not in ("direct", "mediaroute")]
+ratio_cols = [t for t in targets if t != "mediaroute"]
 higher_is_better = lambda m: m.endswith("rps") or m.endswith("MiBps")
-peers_all = ["nginx-64k", "nginx-default", "haproxy"]
-ratio_cols = ["direct"] + peers_all
+info_only = lambda m: m.endswith("_pct") or m.endswith("_pipes_open")   # no ratios for these
 print(f"| metric | {' | '.join(targets)} | " + " | ".join(f"mediaroute / {t}" for t in ratio_cols) + " | mediaroute / best peer |")
 print("|" + "---|" * (len(targets) + len(ratio_cols) + 2))
 for m in metrics:
     cells, med = [], {}
     for t in targets:
-        xs = vals.get((m, t))
+        xs = list(vals.get((m, t), {}).values())
         if not xs:
             cells.append("")
             continue
         med[t] = statistics.median(xs)
         cells.append(f"{med[t]:.4g} ({min(xs):.4g}-{max(xs):.4g})" if len(xs) > 1 else f"{med[t]:.4g}")
     mr = med.get("mediaroute")
-    ratios = [f"{mr / med[t]:.2f}" if mr is not None and med.get(t) and not m.endswith("_pct") else "" for t in ratio_cols]
-    peers = [med[t] for t in ("nginx-64k", "nginx-default", "haproxy") if t in med]
+    ok = lambda t: mr is not None and med.get(t, 0) > 0 and not info_only(m)
+    ratios = [f"{mr / med[t]:.2f}" if ok(t) else "" for t in ratio_cols]
     vs_peer = ""
-    if mr is not None and peers and not m.endswith("_pct"):
-        best = max(peers) if higher_is_better(m) else min(peers)
-        vs_peer = f"{mr / best:.2f}" if best else ""
+    candidates = [t for t in peers if ok(t)]
+    if candidates:
+        pick = max if higher_is_better(m) else min
+        best = pick(candidates, key=lambda t: med[t])
+        vs_peer = f"{mr / med[best]:.2f}"
+        # Spread across rounds: mediaroute's round-k value / that same peer's round-k value.
+        mine, theirs = vals[(m, "mediaroute")], vals[(m, best)]
+        per_round = [mine[k] / theirs[k] for k in sorted(mine.keys() & theirs.keys()) if theirs[k] > 0]
+        if len(per_round) > 1:
+            vs_peer += f" ({min(per_round):.2f}-{max(per_round):.2f})"
+        vs_peer += f" {best}"
     print(f"| {m} | {' | '.join(cells)} | {' | '.join(ratios)} | {vs_peer} |")
 print()
 print("Higher is better for rps and MiBps; lower for p99, CPU and RSS. Ratios are mediaroute / other.")
+print("mediaroute / best peer: against the peer (named) with the best median in that row, among all")
+print("  non-direct targets that ran; in brackets the min-max over rounds of mediaroute's round-k value /")
+print("  that peer's round-k value.")
+print("slowN_rss_per_download_KiB: (RSS with N slow downloads in flight - RSS of the same process idle")
+print("  just before its first slow round) / N; slowN_rss_idle_MiB: idle RSS just before each round (later")
+print("  rounds include what allocators kept from the earlier ones). RSS leaves out kernel memory: socket")
+print("  buffers, and the pipes of spliced connections (up to 64 KiB each); slowN_pipes_open shows how")
+print("  many pipes a proxy held.")
 print("load_cpu_busy_pct: how busy CPU 1 (origins and wrk) was; near 100, the load side may be the limit.")
 EOF
