@@ -301,3 +301,41 @@ async fn head_answers_keep_their_length_and_send_no_body() {
     assert!(text.contains("content-length: 1234\r\n"), "{text}");
     assert!(text.ends_with("\r\n\r\n"), "a body followed the answer to HEAD: {text}");
 }
+
+#[tokio::test]
+async fn idle_lean_connections_never_make_other_requests_wait_for_the_cap() {
+    // Both pools live under one cap: two downloads leave two idle lean connections, and
+    // an upload (hyper's pool) must still get a connection at once.
+    let primary = echo_server().await;
+    let replica = status_server(404).await;
+    let tail = "[limits]\nmax_upstream_connections = 2\nupstream_queue_timeout = \"1s\"";
+    let proxy = start_proxy(&config_text(primary.addr, replica.addr, "", tail)).await;
+    let (first, second) = (obj("a.mov"), obj("b.mov"));
+    let (a, b) = tokio::join!(get_via(proxy.addr, &first, "carol"), get_via(proxy.addr, &second, "carol"));
+    assert_eq!((a.status, b.status), (200, 200));
+    let started = Instant::now();
+    let put = client().put(format!("http://{}{}", proxy.addr, obj("c.mov"))).body("abc").send().await.unwrap();
+    assert_eq!(put.status(), 200);
+    assert!(started.elapsed() < Duration::from_millis(900), "the upload waited {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_a_silent_upstream_is_not_an_upstream_failure() {
+    let primary = raw_upstream(&b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nabc"[..], Then::HoldOpen).await;
+    let replica = status_server(404).await;
+    let tail = "[limits]\nidle_timeout = \"1s\"\n[health]\nfall = 1\ninterval = \"1h\"";
+    let proxy = start_proxy(&with_admin(&config_text(primary.addr, replica.addr, "", tail))).await;
+    let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("GET {} HTTP/1.1\r\nhost: x\r\n\r\n", obj("a.mov"));
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    drop(conn);
+    let admin = proxy.admin_addr.unwrap();
+    let series = "mediaroute_requests_total{upstream=\"primary\",reason=\"mode-no\",status_class=\"client-closed\"}";
+    metric_reaches(admin, series, 1.0).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, m) = admin_get(admin, "/metrics").await;
+    assert_eq!(metric(&m, "mediaroute_upstream_up{upstream=\"primary\"}"), 1.0, "{m}");
+}

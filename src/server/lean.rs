@@ -22,7 +22,7 @@ use crate::h1::chunked::{LAST_CHUNK, write_size_line};
 use crate::h1::request::{self, Parsed};
 use crate::h1::response::Framing;
 use crate::proxy::{Answer, LeanAnswer, Proxy};
-use crate::upstream::lean::{LeanBody, write_fields};
+use crate::upstream::lean::LeanBody;
 
 /// A client's read buffer to begin with; it grows up to `limits.max_header_size` for a
 /// large head and shrinks back after.
@@ -121,6 +121,8 @@ impl LeanConn<'_> {
                 a = serving => a,
                 () = client_gone(stream), if buf.is_empty() => return End::Closed,
             };
+            // A stopping server says it closes the connection, as hyper does.
+            let close = close || *self.stopped.borrow();
             if !self.answer(stream, answer, close).await || close {
                 let _ = stream.shutdown().await;
                 return End::Closed;
@@ -194,11 +196,11 @@ impl LeanConn<'_> {
             {
                 // A long splice to a slow client holds no buffer of its own.
                 out = Vec::new();
-                let mut moved = 0;
-                // `from` borrows the body: what it moved is recorded after.
-                let spliced = self.shared.pipes.splice(from, stream, left, idle, &mut moved).await;
-                record.bytes += moved;
-                body.moved(moved);
+                // Counted as it goes: a download cut at the end of the shutdown grace is
+                // logged with the bytes it sent.
+                let before = record.bytes;
+                let spliced = self.shared.pipes.splice(from, stream, left, idle, &mut record.bytes).await;
+                body.moved(record.bytes - before);
                 match spliced {
                     Some(Ok(())) => continue,
                     Some(Err(e)) => return failed_body(record, &e),
@@ -206,7 +208,12 @@ impl LeanConn<'_> {
                     None => {}
                 }
             }
-            let piece = match tokio::time::timeout(idle, body.next()).await {
+            let next = tokio::select! {
+                next = tokio::time::timeout(idle, body.next()) => next,
+                // A client that leaves while the upstream is silent is the client's doing.
+                () = client_gone(stream) => return false,
+            };
+            let piece = match next {
                 Ok(Ok(Some(piece))) => piece,
                 Ok(Ok(None)) => break,
                 Ok(Err(e)) => {
@@ -274,15 +281,7 @@ fn failed_body(record: &mut AccessRecord, e: &SpliceError) -> bool {
     false
 }
 
-/// Resolves when the client has closed its side (nothing more to read, ever). With bytes
-/// waiting (a pipelined request) it never resolves.
-async fn client_gone(stream: &TcpStream) {
-    let mut byte = [0u8; 1];
-    match stream.peek(&mut byte).await {
-        Ok(0) | Err(_) => {}
-        Ok(_) => std::future::pending().await,
-    }
-}
+use super::splice::client_gone;
 
 /// How the head says the body is framed.
 enum BodyHeader {
@@ -303,18 +302,17 @@ fn write_head(status: StatusCode, headers: &HeaderMap, body: BodyHeader, close: 
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
     out.extend_from_slice(b"\r\n");
-    match body {
-        BodyHeader::AsIs => write_fields(headers, out),
-        BodyHeader::Length(_) | BodyHeader::Chunked => {
-            for (name, value) in headers {
-                if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
-                    out.extend_from_slice(name.as_str().as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(value.as_bytes());
-                    out.extend_from_slice(b"\r\n");
-                }
-            }
+    // Our own framing field replaces the upstream's; without a body, none is announced
+    // where HTTP forbids it (RFC 9110 sections 8.6, 15.4.5).
+    let own_framing = !matches!(body, BodyHeader::AsIs) || matches!(status.as_u16(), 204 | 304);
+    for (name, value) in headers {
+        if own_framing && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING) {
+            continue;
         }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     match body {
         BodyHeader::AsIs => {}

@@ -132,7 +132,12 @@ impl Pipes {
                     Err(_) => break Err(SpliceError::ClientStalled(idle)),
                 }
             } else {
-                match tokio::time::timeout(idle, from.readable()).await {
+                let readable = tokio::select! {
+                    r = tokio::time::timeout(idle, from.readable()) => r,
+                    // A client that leaves while the upstream is silent is the client's doing.
+                    () = client_gone(to) => break Err(SpliceError::Client(io::ErrorKind::ConnectionAborted.into())),
+                };
+                match readable {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => break Err(SpliceError::Upstream(e)),
                     Err(_) => break Err(SpliceError::UpstreamStalled(idle)),
@@ -143,5 +148,15 @@ impl Pipes {
             self.give_back(pipe);
         }
         Some(outcome)
+    }
+}
+
+/// Resolves when the client has closed its side (nothing more to read, ever). With bytes
+/// waiting (a pipelined request) it never resolves.
+pub(super) async fn client_gone(stream: &TcpStream) {
+    let mut byte = [0u8; 1];
+    match stream.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
     }
 }

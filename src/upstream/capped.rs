@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,12 +33,27 @@ pub struct Caps {
     by_authority: Mutex<HashMap<String, Arc<Semaphore>>>,
     tables: Arc<Tables>,
     metrics: Arc<Metrics>,
+    /// The lean path's idle connections, closed when a connect finds no permit free: both
+    /// pools live under one cap, and an idle connection must not make a request wait.
+    idle: OnceLock<Weak<dyn Evict>>,
+}
+
+/// Idle connections that can be closed to free their permits.
+pub trait Evict: Send + Sync + std::fmt::Debug {
+    /// Closes the idle connections to `authority`.
+    fn evict_idle(&self, authority: &str);
 }
 
 impl Caps {
     /// At most `limit` connections per upstream; a connect waits `queue_timeout` at most.
     pub fn new(limit: u32, queue_timeout: Duration, tables: Arc<Tables>, metrics: Arc<Metrics>) -> Caps {
-        Caps { limit: limit as usize, queue_timeout, by_authority: Mutex::new(HashMap::new()), tables, metrics }
+        let by_authority = Mutex::new(HashMap::new());
+        Caps { limit: limit as usize, queue_timeout, by_authority, tables, metrics, idle: OnceLock::new() }
+    }
+
+    /// Registers the idle connections to close under pressure.
+    pub fn evict_with(&self, idle: Weak<dyn Evict>) {
+        let _ = self.idle.set(idle);
     }
 
     fn semaphore(&self, authority: &str) -> Arc<Semaphore> {
@@ -52,6 +67,12 @@ impl Caps {
         let semaphore = self.semaphore(authority);
         if let Ok(p) = Arc::clone(&semaphore).try_acquire_owned() {
             return Ok(p);
+        }
+        if let Some(idle) = self.idle.get().and_then(Weak::upgrade) {
+            idle.evict_idle(authority);
+            if let Ok(p) = Arc::clone(&semaphore).try_acquire_owned() {
+                return Ok(p);
+            }
         }
         let table = self.tables.current();
         let which = [Upstream::Primary, Upstream::Replica]

@@ -27,8 +27,8 @@ const READ_BUF: usize = 16 * 1024;
 /// Largest upstream response head (as hyper's client is limited to in [`super::pool`]).
 const MAX_HEAD: usize = super::UPSTREAM_READ_BUF;
 
-/// Most header fields in an upstream's response head.
-const MAX_RESPONSE_HEADERS: usize = 128;
+/// Most header fields in an upstream's response head (as hyper's client allows).
+const MAX_RESPONSE_HEADERS: usize = 100;
 
 /// How long an unused connection stays in the pool (as hyper's pool keeps them).
 const IDLE_FOR: Duration = Duration::from_secs(60);
@@ -82,13 +82,17 @@ impl Pools {
         if idle.authority != authority {
             return None;
         }
+        // The newest is taken; the oldest, which steady traffic would never reach, is
+        // looked at once it has waited a while, so that connections the upstream closed
+        // do not hold their descriptors and permits until the pool empties.
+        if idle.conns.first().is_some_and(|(_, since)| since.elapsed() > SWEEP_AFTER) {
+            let (conn, since) = idle.conns.remove(0);
+            if open(&conn, since) {
+                idle.conns.push((conn, Instant::now()));
+            }
+        }
         while let Some((conn, since)) = idle.conns.pop() {
-            // An upstream closes idle connections on its own schedule: a readable socket
-            // here is its close (or stray bytes), never an answer to anything.
-            let mut probe = [0u8; 1];
-            if since.elapsed() < IDLE_FOR
-                && matches!(conn.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-            {
+            if open(&conn, since) {
                 return Some(conn);
             }
         }
@@ -108,6 +112,29 @@ impl Pools {
     }
 }
 
+/// Idle connections older than this are checked when the pool is used.
+const SWEEP_AFTER: Duration = Duration::from_secs(1);
+
+/// Whether an idle connection may carry a request: not expired, and its socket not
+/// readable. An upstream closes idle connections on its own schedule: a readable socket
+/// here is its close (or stray bytes), never an answer to anything.
+fn open(conn: &Conn, since: Instant) -> bool {
+    let mut probe = [0u8; 1];
+    since.elapsed() < IDLE_FOR
+        && matches!(conn.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+impl super::capped::Evict for Pools {
+    fn evict_idle(&self, authority: &str) {
+        for which in [Upstream::Primary, Upstream::Replica] {
+            let mut idle = self.slot(which);
+            if idle.authority == authority {
+                idle.conns.clear();
+            }
+        }
+    }
+}
+
 impl LeanClient {
     /// A client sharing `caps` and `health` with hyper's.
     pub(super) fn new(
@@ -117,8 +144,10 @@ impl LeanClient {
         connect_timeout: Duration,
         header_timeout: Duration,
     ) -> LeanClient {
-        let pools = Pools { idle: Default::default(), max_idle };
-        LeanClient { pools: Arc::new(pools), caps, health, connect_timeout, header_timeout }
+        let pools = Arc::new(Pools { idle: Default::default(), max_idle });
+        let evict: Arc<dyn super::capped::Evict> = Arc::clone(&pools) as _;
+        caps.evict_with(Arc::downgrade(&evict));
+        LeanClient { pools, caps, health, connect_timeout, header_timeout }
     }
 
     /// Closes every idle connection (a reload changed how upstreams are reached).
@@ -244,6 +273,11 @@ impl Exchange for LeanClient {
         let Some(authority) = req.uri().authority().cloned() else {
             return Err(SendError::Protocol("the request has no upstream address").into());
         };
+        if req.uri().scheme() != Some(&http::uri::Scheme::HTTP) {
+            // A reload made the upstream https after this request took the lean path:
+            // never send it in clear text.
+            return Err(SendError::Protocol("the upstream became https during the request").into());
+        }
         let head_request = req.method() == http::Method::HEAD;
         let mut head = Vec::with_capacity(512);
         write_request_head(&req, &authority, &mut head);
