@@ -476,9 +476,10 @@ async fn child_imds() {
     assert_eq!(refreshed.access_key_id(), "AKID2");
     assert!(at < expiry1, "refreshed before the expiry");
     let early = expiry1.duration_since(at).unwrap();
-    // Half of a lifetime of 7 to 8 s is 3.5 to 4 s ahead; the answer takes a moment.
+    // Half of a lifetime of 7 to 8 s is 3.5 to 4 s ahead; the answer takes a moment, and
+    // the refresh timer may fire a few milliseconds early on a loaded machine.
     assert!(
-        early > Duration::from_secs(2) && early <= IMDS_LIFETIME / 2,
+        early > Duration::from_secs(2) && early <= IMDS_LIFETIME / 2 + Duration::from_millis(100),
         "refreshed at about half the lifetime, not {early:?} ahead"
     );
     assert_eq!(counted(&metrics, "ok"), 2.0, "the first load and one refresh");
