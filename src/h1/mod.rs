@@ -12,6 +12,20 @@ pub mod chunked;
 pub mod request;
 pub mod response;
 
+/// Writes a head's `name: value` lines, leaving out the fields `skip` names; `http`'s
+/// types hold no CR or LF, so no value can split a line.
+pub fn write_fields(headers: &http::HeaderMap, skip: impl Fn(&http::HeaderName) -> bool, out: &mut Vec<u8>) {
+    for (name, value) in headers {
+        if skip(name) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 /// Whether `b` is a `tchar` (RFC 9110 section 5.6.2), the bytes of a token.
 pub(crate) fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)

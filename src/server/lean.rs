@@ -21,8 +21,10 @@ use crate::config::Limits;
 use crate::h1::chunked::{LAST_CHUNK, write_size_line};
 use crate::h1::request::{self, Parsed};
 use crate::h1::response::Framing;
+use crate::h1::write_fields;
 use crate::proxy::{Answer, LeanAnswer, Proxy};
 use crate::upstream::lean::LeanBody;
+use std::io::Write as _;
 
 /// A client's read buffer to begin with; it grows up to `limits.max_header_size` for a
 /// large head and shrinks back after.
@@ -305,21 +307,12 @@ fn write_head(status: StatusCode, headers: &HeaderMap, body: BodyHeader, close: 
     // Our own framing field replaces the upstream's; without a body, none is announced
     // where HTTP forbids it (RFC 9110 sections 8.6, 15.4.5).
     let own_framing = !matches!(body, BodyHeader::AsIs) || matches!(status.as_u16(), 204 | 304);
-    for (name, value) in headers {
-        if own_framing && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING) {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    let framing_field = |name: &http::HeaderName| name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING;
+    write_fields(headers, |name| own_framing && framing_field(name), out);
     match body {
         BodyHeader::AsIs => {}
         BodyHeader::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
-            out.extend_from_slice(b"\r\n");
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         BodyHeader::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }

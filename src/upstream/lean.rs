@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
-use http::{HeaderMap, Request, Response};
+use http::{Request, Response};
+use std::io::Write as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -18,6 +19,7 @@ use super::{Exchange, ExchangeError, LocalFault, SendError, local_fault};
 use crate::body::ReqBody;
 use crate::h1::chunked::{ChunkedError, Decoder};
 use crate::h1::response::{self, Framing, ParsedResponse, ResponseError};
+use crate::h1::write_fields;
 use crate::health::HealthBoard;
 use crate::table::Upstream;
 
@@ -226,8 +228,8 @@ impl LeanClient {
                 health.failure("response timeout");
                 SendError::Timeout(self.header_timeout).into()
             }
-            Attempt::Malformed(ResponseError::Upgrade) => refused(health, RELAY_UPGRADE),
-            Attempt::Malformed(ResponseError::UnsupportedCoding) => refused(health, RELAY_CODING),
+            Attempt::Malformed(ResponseError::Upgrade) => refused(health, super::UNASKED_UPGRADE),
+            Attempt::Malformed(ResponseError::UnsupportedCoding) => refused(health, super::OTHER_CODING),
             Attempt::Malformed(e) => {
                 // hyper's client reports these as a failed connection too.
                 health.failure("connection failed");
@@ -236,10 +238,6 @@ impl LeanClient {
         }
     }
 }
-
-const RELAY_UPGRADE: &str = "answered 101 Switching Protocols to a request that asked for no upgrade";
-const RELAY_CODING: &str = "answered with a transfer coding other than chunked";
-const RELAY_STATUS: &str = "answered a status code outside 100-599";
 
 fn refused(health: &crate::health::Health, why: &'static str) -> ExchangeError {
     health.failure(why);
@@ -300,7 +298,7 @@ impl Exchange for LeanClient {
         };
         let Answered { head, buf } = answered;
         if head.status.as_u16() >= 600 {
-            return Err(refused(self.health.of(which), RELAY_STATUS));
+            return Err(refused(self.health.of(which), super::ODD_STATUS));
         }
         if head.status.is_server_error() {
             self.health.of(which).failure("answered 5xx");
@@ -313,7 +311,7 @@ impl Exchange for LeanClient {
             conn: Some(conn),
             pools: Arc::clone(&self.pools),
             which,
-            authority: authority.as_str().into(),
+            authority,
             buf,
             pos: head.head_len,
             framing: head.framing,
@@ -350,27 +348,17 @@ fn write_request_head(req: &Request<ReqBody>, authority: &Authority, out: &mut V
     out.push(b' ');
     out.extend_from_slice(req.uri().path_and_query().map_or("/", |pq| pq.as_str()).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    write_fields(req.headers(), out);
+    write_fields(req.headers(), |_| false, out);
     if !req.headers().contains_key(http::header::HOST) {
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(authority.host().as_bytes());
         if let Some(port) = authority.port_u16().filter(|p| *p != 80) {
             out.push(b':');
-            out.extend_from_slice(port.to_string().as_bytes());
+            let _ = write!(out, "{port}");
         }
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-}
-
-/// Writes `name: value` lines; `http`'s types hold no CR or LF, so nothing can split them.
-pub fn write_fields(headers: &HeaderMap, out: &mut Vec<u8>) {
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
 }
 
 /// Why an upstream's body could not be read to its end.
@@ -392,7 +380,7 @@ pub struct LeanBody {
     conn: Option<Conn>,
     pools: Arc<Pools>,
     which: Upstream,
-    authority: Box<str>,
+    authority: Authority,
     buf: Vec<u8>,
     /// Where the bytes not yet handed out start in `buf`.
     pos: usize,
@@ -525,7 +513,7 @@ impl Drop for LeanBody {
             && self.pos == self.buf.len()
             && let Some(conn) = self.conn.take()
         {
-            self.pools.release(self.which, &self.authority, conn);
+            self.pools.release(self.which, self.authority.as_str(), conn);
         }
     }
 }

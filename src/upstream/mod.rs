@@ -352,15 +352,22 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Why an answer cannot be passed on, as both clients report it (README "Failure and
+/// attack behaviour").
+pub(crate) const ODD_STATUS: &str = "answered a status code outside 100-599";
+/// mediaroute never asks for an upgrade.
+pub(crate) const UNASKED_UPGRADE: &str = "answered 101 Switching Protocols to a request that asked for no upgrade";
+/// mediaroute removes chunked framing and would hand on other codings as if uncoded.
+pub(crate) const OTHER_CODING: &str = "answered with a transfer coding other than chunked";
+
 /// What makes an upstream's answer one mediaroute cannot pass on faithfully, if anything.
 fn unrelayable(resp: &Response<Incoming>) -> Option<&'static str> {
     if resp.status().as_u16() >= 600 {
-        Some("answered a status code outside 100-599")
+        Some(ODD_STATUS)
     } else if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-        // mediaroute never asks for an upgrade.
-        Some("answered 101 Switching Protocols to a request that asked for no upgrade")
+        Some(UNASKED_UPGRADE)
     } else if has_other_coding(resp.headers()) {
-        Some("answered with a transfer coding other than chunked")
+        Some(OTHER_CODING)
     } else {
         None
     }
