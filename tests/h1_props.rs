@@ -22,8 +22,6 @@ fn config() -> ProptestConfig {
     ProptestConfig {
         cases: 256,
         // The same cases on every CI run; change the seed by hand to explore others.
-        // A random seed once found a chunked corruption that the property below does not
-        // yet explain (see the issue 13 note): deterministic until it is understood.
         rng_seed: proptest::test_runner::RngSeed::Fixed(0x6d65_6469_6172_6f75),
         failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
         ..ProptestConfig::default()
@@ -507,8 +505,12 @@ proptest! {
                 }
             }
             None => {
+                // Deleting a byte that the next one repeats gives the same bytes as deleting
+                // that next one: a size line's LF followed by data that starts with LF reads
+                // as a whole line and one data byte short, which no decoder can tell.
+                let repeated = encoded.get(i + 1) == Some(&encoded[i]);
                 encoded.remove(i);
-                kinds[i] == Byte::LineEnd
+                kinds[i] == Byte::LineEnd && !repeated
             }
         };
         let (data, end) = decode(&encoded, &reads);
