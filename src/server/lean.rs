@@ -30,6 +30,9 @@ use std::io::Write as _;
 /// large head and shrinks back after.
 const CLIENT_BUF: usize = 4 * 1024;
 
+/// A connection keeps a write buffer up to this size between answers.
+const OUT_KEPT: usize = 32 * 1024;
+
 /// Bodies shorter than this are copied: a splice costs a pipe and more system calls.
 const SPLICE_FROM: u64 = 64 * 1024;
 
@@ -80,6 +83,9 @@ impl LeanConn<'_> {
         // opening, later ones within it of their first byte; and a connection that moves
         // nothing for the idle time is closed (README "Limits and timeouts").
         let mut head_deadline = Some(Instant::now() + self.limits.header_read_timeout);
+        // The response write buffer, kept between requests so that a small answer
+        // allocates none.
+        let mut out = Vec::new();
         loop {
             let req = loop {
                 match request::parse(buf, &limits) {
@@ -125,7 +131,7 @@ impl LeanConn<'_> {
             };
             // A stopping server says it closes the connection, as hyper does.
             let close = close || *self.stopped.borrow();
-            if !self.answer(stream, answer, close).await || close {
+            if !self.answer(stream, answer, close, &mut out).await || close {
                 let _ = stream.shutdown().await;
                 return End::Closed;
             }
@@ -142,7 +148,13 @@ impl LeanConn<'_> {
     }
 
     /// Sends an answer; `false` when the connection cannot carry another request.
-    async fn answer(&self, stream: &mut TcpStream, answer: LeanAnswer<LeanBody>, close: bool) -> bool {
+    async fn answer(
+        &self,
+        stream: &mut TcpStream,
+        answer: LeanAnswer<LeanBody>,
+        close: bool,
+        out: &mut Vec<u8>,
+    ) -> bool {
         let LeanAnswer { resp, mut record, slot } = answer;
         let (parts, body) = resp.into_parts();
         let head_only = record.method == Method::HEAD;
@@ -162,7 +174,8 @@ impl LeanConn<'_> {
                 sent
             }
             Answer::Upstream(body) => {
-                self.stream_body(stream, parts.status, &parts.headers, body, &mut record, close).await
+                let streamed = self.stream_body(stream, parts.status, &parts.headers, body, &mut record, close, out);
+                streamed.await
             }
         };
         drop(record);
@@ -172,6 +185,8 @@ impl LeanConn<'_> {
 
     /// Sends an upstream's head and body: with a known length, the body is spliced once
     /// the bytes read with the head are sent; otherwise it is re-chunked to the client.
+    /// `out` is the connection's write buffer, left empty.
+    #[allow(clippy::too_many_arguments)]
     async fn stream_body(
         &self,
         stream: &mut TcpStream,
@@ -180,24 +195,28 @@ impl LeanConn<'_> {
         mut body: LeanBody,
         record: &mut AccessRecord,
         close: bool,
+        out: &mut Vec<u8>,
     ) -> bool {
         let idle = self.limits.idle_timeout;
         let framing = body.framing();
         let chunked = matches!(framing, Framing::Chunked | Framing::Close);
-        let mut out = Vec::with_capacity(1024);
+        out.clear();
+        if out.capacity() > OUT_KEPT {
+            *out = Vec::new();
+        }
         let length = match framing {
             Framing::Empty => BodyHeader::AsIs,
             Framing::Length(n) => BodyHeader::Length(n),
             Framing::Chunked | Framing::Close => BodyHeader::Chunked,
         };
-        write_head(status, headers, length, close, &mut out);
+        write_head(status, headers, length, close, out);
         loop {
             if let Some((from, left)) = body.unread_on_socket()
                 && left >= SPLICE_FROM
                 && out.is_empty()
             {
                 // A long splice to a slow client holds no buffer of its own.
-                out = Vec::new();
+                *out = Vec::new();
                 // Counted as it goes: a download cut at the end of the shutdown grace is
                 // logged with the bytes it sent.
                 let before = record.bytes;
@@ -221,26 +240,26 @@ impl LeanConn<'_> {
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %self.peer, error = %e, "upstream body failed");
                     record.upstream_error = true;
-                    let _ = self.write(stream, &out).await;
+                    let _ = self.write(stream, out).await;
                     return false;
                 }
                 Err(_) => {
                     record.upstream_error = true;
                     record.upstream_stalled = true;
-                    let _ = self.write(stream, &out).await;
+                    let _ = self.write(stream, out).await;
                     return false;
                 }
             };
             let data = &body.data()[piece];
             if chunked {
-                write_size_line(data.len(), &mut out);
+                write_size_line(data.len(), out);
                 out.extend_from_slice(data);
                 out.extend_from_slice(b"\r\n");
             } else {
                 out.extend_from_slice(data);
             }
             record.bytes += data.len() as u64;
-            if !self.write(stream, &out).await {
+            if !self.write(stream, out).await {
                 return false;
             }
             out.clear();
@@ -250,9 +269,10 @@ impl LeanConn<'_> {
         if chunked {
             out.extend_from_slice(LAST_CHUNK);
         }
-        if !self.write(stream, &out).await {
+        if !self.write(stream, out).await {
             return false;
         }
+        out.clear();
         record.complete = true;
         // Read to its end: the upstream connection goes back to its pool.
         drop(body);

@@ -65,6 +65,9 @@ struct Idle {
 #[derive(Debug)]
 struct Conn {
     stream: TcpStream,
+    /// The read buffer, kept with the connection so that a request on a pooled connection
+    /// allocates none (empty after a splice, which needed none).
+    buf: Vec<u8>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -181,13 +184,26 @@ impl LeanClient {
             }
         };
         let _ = stream.set_nodelay(true);
-        Ok(Conn { stream, _permit: permit })
+        Ok(Conn { stream, buf: Vec::new(), _permit: permit })
     }
 
-    /// Sends `head` on `conn` and reads the answer's head.
-    async fn exchange(&self, conn: &mut Conn, head: &[u8], head_request: bool) -> Result<Answered, Attempt> {
-        conn.stream.write_all(head).await.map_err(Attempt::Unanswered)?;
-        let mut buf = Vec::with_capacity(READ_BUF);
+    /// Sends the head of `req` on `conn` and reads the answer's head. The connection's
+    /// buffer carries both, one after the other.
+    async fn exchange(
+        &self,
+        conn: &mut Conn,
+        req: &Request<ReqBody>,
+        authority: &Authority,
+    ) -> Result<Answered, Attempt> {
+        let head_request = req.method() == http::Method::HEAD;
+        let mut buf = std::mem::take(&mut conn.buf);
+        buf.clear();
+        if buf.capacity() < READ_BUF {
+            buf.reserve(READ_BUF);
+        }
+        write_request_head(req, authority, &mut buf);
+        conn.stream.write_all(&buf).await.map_err(Attempt::Unanswered)?;
+        buf.clear();
         let read = async {
             loop {
                 if buf.len() == buf.capacity() {
@@ -276,9 +292,6 @@ impl Exchange for LeanClient {
             // never send it in clear text.
             return Err(SendError::Protocol("the upstream became https during the request").into());
         }
-        let head_request = req.method() == http::Method::HEAD;
-        let mut head = Vec::with_capacity(512);
-        write_request_head(&req, &authority, &mut head);
         let mut reused = self.pools.checkout(which, authority.as_str());
         let (conn, answered) = loop {
             let fresh = reused.is_none();
@@ -290,7 +303,7 @@ impl Exchange for LeanClient {
                     }
                 })?,
             };
-            match self.exchange(&mut conn, &head, head_request).await {
+            match self.exchange(&mut conn, &req, &authority).await {
                 Ok(a) => break (conn, a),
                 Err(Attempt::Unanswered(_)) if !fresh => continue,
                 Err(e) => return Err(self.failed(which, e)),
@@ -511,8 +524,12 @@ impl Drop for LeanBody {
         if self.done
             && self.reusable
             && self.pos == self.buf.len()
-            && let Some(conn) = self.conn.take()
+            && let Some(mut conn) = self.conn.take()
         {
+            // The buffer goes with the connection unless a large head made it grow.
+            if self.buf.capacity() <= 2 * READ_BUF {
+                conn.buf = std::mem::take(&mut self.buf);
+            }
             self.pools.release(self.which, self.authority.as_str(), conn);
         }
     }
