@@ -69,7 +69,8 @@ impl Drop for AccessRecord {
                 // After the head, nothing can be retried; the client saw the download break.
                 let what =
                     if self.upstream_stalled { "upstream stalled mid-body" } else { "upstream broke off the body" };
-                tracing::warn!(upstream = u.as_str(), path = &*self.path, bytes = self.bytes, "{what}");
+                // Not an access line (README "Access log"): its own target.
+                tracing::warn!(target: "mediaroute::upstream", upstream = u.as_str(), path = &*self.path, bytes = self.bytes, "{what}");
                 h.of(u).failure(if self.upstream_stalled {
                     "response body stalled"
                 } else {
@@ -85,7 +86,7 @@ impl Drop for AccessRecord {
         }
         let duration_ms = took.as_secs_f64() * 1000.0;
         tracing::info!(
-            target: "mediaroute::access",
+            target: crate::log_writer::ACCESS_TARGET,
             user = self.user.as_deref().unwrap_or("-"),
             client = %self.client,
             method = %self.method,

@@ -271,6 +271,9 @@ pub struct Log {
     pub json: bool,
     /// Default filter when `RUST_LOG` is not set.
     pub level: String,
+    /// The most bytes of log lines waiting to be written; lines beyond are dropped
+    /// (README "Access log").
+    pub buffer_size: u32,
 }
 
 /// Reads, parses and checks the config file at `path` and its users file.

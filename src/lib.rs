@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod access_line;
 pub mod admin;
 pub mod body;
 pub mod client;
@@ -19,6 +20,7 @@ pub mod h1;
 pub mod headers;
 pub mod health;
 pub mod idle;
+pub mod log_writer;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;

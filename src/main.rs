@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use mediaroute::access_line::AccessLayer;
 use mediaroute::config::{self, Config};
+use mediaroute::log_writer::{self, LogGuard};
 use mediaroute::route::ReplicationStatus;
 use mediaroute::signals::{self, Stops};
 use mediaroute::{demo, duration, explain, server};
@@ -131,20 +133,36 @@ fn check(path: Option<&Path>) -> ExitCode {
     }
 }
 
-fn init_logging(cfg: &Config) {
+/// Installs the log: lines go through the buffered writer (README "Access log"), which
+/// writes everything logged so far when the returned guard is dropped.
+fn init_logging(cfg: &Config) -> anyhow::Result<LogGuard> {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::prelude::*;
     // rustls warns once per handshake about what clients send (an IP address as SNI, from
     // wrk, curl to an IP and the like): handshake trouble is counted instead (README "TLS").
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("{},rustls=error", cfg.log.level)));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
-    if cfg.log.json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
+    let settings = log_writer::Settings { capacity: cfg.log.buffer_size as usize, interval: LOG_FLUSH_EVERY };
+    let (writer, guard) =
+        log_writer::start(Box::new(std::io::stderr()), settings).context("cannot start the log writer thread")?;
+    // Access lines have their own formatter; every other line is tracing_subscriber's.
+    let is_access = |m: &tracing::Metadata<'_>| m.target() == log_writer::ACCESS_TARGET;
+    let access = AccessLayer::new(writer.clone(), cfg.log.json).with_filter(filter_fn(is_access));
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer);
+    let fmt = if cfg.log.json { fmt.json().flatten_event(true).boxed() } else { fmt.boxed() };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt.with_filter(filter_fn(move |m| !is_access(m))))
+        .with(access)
+        .try_init()
+        .context("cannot install the log")?;
+    Ok(guard)
 }
+
+/// The longest a log line waits in the buffer (nginx's `flush=1s`).
+const LOG_FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     // One CPU (e.g. pinned with taskset or a CPU quota of 1): a single-threaded runtime
@@ -164,7 +182,8 @@ fn run(path: Option<&Path>) -> anyhow::Result<()> {
         // `systemctl reload` right after start) is a reload, and a SIGTERM a clean stop.
         let (hangups, mut stops) = signals::install().context("cannot install signal handlers")?;
         let cfg = with_config(path)?;
-        init_logging(&cfg);
+        // Dropped last: every line logged until the end is written (README "Access log").
+        let _log = init_logging(&cfg)?;
         raise_file_limit();
         let running = server::start(cfg).await?;
         tokio::spawn(server::reload::on_hangups(hangups, Arc::clone(&running.proxy), notify_reload));
@@ -227,7 +246,8 @@ fn run_demo(path: Option<&Path>) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let (mut hangups, mut stops) = signals::install().context("cannot install signal handlers")?;
         let cfg = demo::demo_config(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
-        init_logging(&cfg);
+        // Dropped last: every line logged until the end is written (README "Access log").
+        let _log = init_logging(&cfg)?;
         let d = demo::start(cfg).await?;
         // The demo's upstreams and ports are made at start: there is no file to re-read.
         tokio::spawn(async move {

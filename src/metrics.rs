@@ -268,6 +268,12 @@ impl Metrics {
             "When the TLS listener's certificate expires (Unix time), 0 without a TLS listener",
             certificate_expiry.clone(),
         );
+        // Process-wide, like the log itself: every Metrics shows the same counter.
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the log's sink did not keep up (README \"Access log\")",
+            crate::log_writer::ACCESS_LINES_DROPPED.clone(),
+        );
         let per_upstream = UPSTREAM_NAMES.map(|u| {
             let bytes = response_bytes.get_or_create(&[("upstream", u)]).clone();
             // Refused requests reached no upstream: their duration is not an upstream's.
@@ -548,6 +554,7 @@ mod from_the_start {
             "mediaroute_tls_handshake_failures_total{reason=\"plain-http\"} 0",
             "mediaroute_proxy_protocol_refusals_total{reason=\"invalid\"} 0",
             "mediaroute_tls_certificate_expiry_timestamp_seconds 0",
+            "# TYPE mediaroute_access_log_dropped counter",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -15,9 +15,12 @@
 # Knobs: ROUNDS (3), DURATION (10, seconds per wrk test), SLOW_CLIENTS (1000), ONLY, TESTS,
 # MEDIAROUTE_BIN (a mediaroute binary to measure; unset, the script builds target/release).
 #
-# TESTS: 4k 1m 1g slow (the default), and 4k-tls 1g-tls: the 4k and 1g tests against TLS
+# TESTS: 4k 1m 1g slow 4k-log (the default), and 4k-tls 1g-tls: the 4k and 1g tests against TLS
 # listeners of mediaroute and nginx (one self-signed ECDSA P-256 certificate made for the run;
 # the origins stay plain HTTP; HAProxy and direct have no TLS rows).
+# 4k-log: the 4k test with access logs on, against a second instance of mediaroute (log level
+# info, stderr to a file), nginx-64k (access_log to a file, buffer=64k flush=1s) and HAProxy
+# (option httplog to stdout, a file); rows 4KiB-log_*, next to the 4KiB_* rows with logs off.
 #
 # Needs: nginx, haproxy, wrk, curl, python3, openssl (installed from Debian's packages if
 # missing, when run as root). Every process it starts is stopped by PID on exit.
@@ -53,8 +56,9 @@ LOAD_CPU=$(( $(nproc) > 1 ? 1 : 0 ))
 P1=19101; P2=19102          # origins: primary, replica
 MR=19181; NG=19182; NGD=19184; HA=19183; HAS=19188   # HAS: haproxy-splice
 MRS=19185; NGS=19186; NGDS=19187          # TLS listeners: mediaroute, nginx-64k, nginx-default
+MRL=19191; NGL=19192; HAL=19193           # access logs on: mediaroute, nginx-64k, haproxy
 
-TESTS="${TESTS:-4k 1m 1g slow}"
+TESTS="${TESTS:-4k 1m 1g slow 4k-log}"
 want() { [[ " $TESTS " == *" $1 "* ]]; }
 TLS=0; if want 4k-tls || want 1g-tls; then TLS=1; fi
 
@@ -128,6 +132,9 @@ interval = "1h"
 [log]
 level = "warn"
 EOF
+# The same proxy with its access log on: one line per request.
+sed -e "s/^addr = .*/addr = \"127.0.0.1:$MRL\"/" -e '/^tls_/d' -e 's/^level = .*/level = "info"/' \
+    "$WORK/mediaroute.toml" > "$WORK/mediaroute-log.toml"
 
 # nginx with the same routing: realip (recursive), geo for the networks, map for users.
 # With TLS tests, each server block also listens with TLS on a second port: one block, so the
@@ -177,6 +184,7 @@ http {
     }
 $(nginx_server $NG $NGS "proxy_buffer_size 64k; proxy_buffers 8 64k;")
 $(nginx_server $NGD $NGDS "")
+$(TLS=0 nginx_server $NGL - "proxy_buffer_size 64k; proxy_buffers 8 64k; access_log $WORK/nginx-access.log combined buffer=64k flush=1s;")
 }
 EOF
 
@@ -238,6 +246,12 @@ haproxy_cfg "$HAS" "$WORK/haproxy-splice.pid" \
     "    maxpipes $(( SLOW_CLIENTS + 64 ))" \
     "    option splice-auto
     option splice-response" > "$WORK/haproxy-splice.cfg"
+# haproxy-log: HTTP access lines to stdout (a file here), written by HAProxy itself without
+# blocking (it drops a line that cannot be written at once).
+haproxy_cfg "$HAL" "$WORK/haproxy-log.pid" \
+    "    log stdout format raw local0" \
+    "    log global
+    option httplog" > "$WORK/haproxy-log.cfg"
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 start() { # name, cpu, command...
@@ -251,9 +265,15 @@ start mediaroute "$PROXY_CPU" "$MEDIAROUTE" run --config "$WORK/mediaroute.toml"
 start nginx "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -g "daemon off;"
 start haproxy "$PROXY_CPU" haproxy -f "$WORK/haproxy.cfg" -db
 start haproxy-splice "$PROXY_CPU" haproxy -f "$WORK/haproxy-splice.cfg" -db
+LOGS=0; if want 4k-log; then LOGS=1; fi
+if [ "$LOGS" = 1 ]; then
+    start mediaroute-log "$PROXY_CPU" "$MEDIAROUTE" run --config "$WORK/mediaroute-log.toml"
+    start haproxy-log "$PROXY_CPU" haproxy -f "$WORK/haproxy-log.cfg" -db
+fi
 sleep 1.5
 URLS=()
 for port in $P1 $P2 $MR $NG $NGD $HA $HAS; do URLS+=("http://127.0.0.1:$port"); done
+if [ "$LOGS" = 1 ]; then for port in $MRL $NGL $HAL; do URLS+=("http://127.0.0.1:$port"); done; fi
 [ "$TLS" = 1 ] && for port in $MRS $NGS $NGDS; do URLS+=("https://127.0.0.1:$port"); done
 for url in "${URLS[@]}"; do
     curl -skf -o /dev/null "$url/media/check.txt" || { echo "$url is not serving"; tail "$WORK"/*.out "$WORK"/*.log; ls -la "$WORK" "$WORK/primary"; exit 1; }
@@ -264,6 +284,10 @@ tree_pids() { local p="$1"; echo "$p"; pgrep -P "$p" 2>/dev/null || true; }
 declare -A PID_OF=( [mediaroute]="${PIDS[1]}" [nginx-64k]="${PIDS[2]}" [nginx-default]="${PIDS[2]}" [haproxy]="${PIDS[3]}" [haproxy-splice]="${PIDS[4]}" [direct]="${PIDS[0]}" )
 declare -A PORT_OF=( [mediaroute]=$MR [nginx-64k]=$NG [nginx-default]=$NGD [haproxy]=$HA [haproxy-splice]=$HAS [direct]=$P2 )
 declare -A TLS_PORT_OF=( [mediaroute]=$MRS [nginx-64k]=$NGS [nginx-default]=$NGDS )
+# The twins with access logs on (4k-log): their port and process.
+declare -A LOG_PORT_OF=( [mediaroute]=$MRL [nginx-64k]=$NGL [haproxy]=$HAL )
+declare -A LOG_PID_OF=()
+if [ "$LOGS" = 1 ]; then LOG_PID_OF=( [mediaroute]="${PIDS[5]}" [nginx-64k]="${PIDS[2]}" [haproxy]="${PIDS[6]}" ); fi
 TARGETS=(direct mediaroute nginx-64k nginx-default haproxy haproxy-splice)
 if [ -n "${ONLY:-}" ]; then read -r -a TARGETS <<< "$ONLY"; fi
 PROXIES=()
@@ -355,9 +379,9 @@ RESULTS="$WORK/results.txt"
 ROUND=0
 record() { echo "$1 $2 ${3:--} $ROUND" >> "$RESULTS"; }
 
-run_wrk() { # target, path, connections, tag, base URL -> records rps, p99_ms, mbps, cpu_us_per_req
+run_wrk() { # target, path, connections, tag, base URL, pid -> records rps, p99_ms, mbps, cpu_us_per_req
     local t="$1" path="$2" conns="$3" tag="$4" base="${5:-http://127.0.0.1:${PORT_OF[$1]}}"
-    local pid="${PID_OF[$t]}" before after out load_before load_after
+    local pid="${6:-${PID_OF[$t]}}" before after out load_before load_after
     before=$(cpu_ticks "$pid")
     load_before=$(cpu_stat "$LOAD_CPU")
     # Direct runs give the load generator the proxy's idle CPU, so both sides have two.
@@ -457,6 +481,9 @@ for round in $(seq 1 "$ROUNDS"); do
             if want 4k-tls; then run_wrk "$t" /media/4k.bin 64 4KiB-TLS "$tls"; fi
             if want 1g-tls; then run_wrk "$t" /media/1g.bin 1 1GiB-TLS "$tls"; fi
         fi
+        if [ "$LOGS" = 1 ] && [ -n "${LOG_PORT_OF[$t]:-}" ]; then
+            run_wrk "$t" /media/4k.bin 64 4KiB-log "http://127.0.0.1:${LOG_PORT_OF[$t]}" "${LOG_PID_OF[$t]}"
+        fi
     done
 done
 # The slow-download rounds come last: 1,000 connections per proxy with full socket buffers
@@ -470,6 +497,14 @@ if want slow; then
     done
 fi
 
+if [ "$LOGS" = 1 ]; then
+    # nginx flushes its buffer within a second.
+    sleep 1.5
+    echo "== access lines written with logs on (one per request; mediaroute's file also has its start-up lines):"
+    for f in mediaroute-log.out nginx-access.log haproxy-log.out; do
+        if [ -f "$WORK/$f" ]; then echo "   $f: $(wc -l < "$WORK/$f") lines, the last: $(tail -n 1 "$WORK/$f" | cut -c1-200)"; fi
+    done
+fi
 # What the proxies wrote (mediaroute logs at warn, nginx and HAProxy their errors).
 for f in mediaroute.out nginx.out nginx-error.log haproxy.out haproxy-splice.out; do
     [ -s "$WORK/$f" ] || continue

@@ -112,4 +112,5 @@ pub(super) struct RawHealth {
 pub(super) struct RawLog {
     pub(super) format: Option<S>,
     pub(super) level: Option<S>,
+    pub(super) buffer_size: Option<Spanned<i64>>,
 }
