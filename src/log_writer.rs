@@ -103,8 +103,10 @@ impl Shared {
         }
         state.current.extend_from_slice(line);
         state.pending += line.len();
-        // One wake-up per block, not per line: the writer takes everything at once.
-        if !state.woken && (!access || !state.full.is_empty()) {
+        // One wake-up per block (or half the buffer, when that is smaller), not per line:
+        // the writer takes everything at once.
+        let due = !state.full.is_empty() || state.pending >= self.settings.capacity / 2;
+        if !state.woken && (!access || due) {
             state.woken = true;
             drop(state);
             self.wake.notify_one();
@@ -170,15 +172,8 @@ fn write_out(shared: &Shared, mut sink: Box<dyn Write + Send>) {
                 }
             }
         }
-        if stopping {
-            if shared.lock().pending == 0 {
-                return;
-            }
-            // Lines logged while this batch was written: one more round.
-            continue;
-        }
-        // Said at most once per interval, into the buffer just emptied.
-        if (dropped_access > 0 || dropped_other > 0) && last_report.elapsed() >= interval {
+        // Said at most once per interval (and at exit), into the buffer just emptied.
+        if (dropped_access > 0 || dropped_other > 0) && (last_report.elapsed() >= interval || stopping) {
             tracing::warn!(
                 access_lines = dropped_access,
                 other_lines = dropped_other,
@@ -187,6 +182,11 @@ fn write_out(shared: &Shared, mut sink: Box<dyn Write + Send>) {
             );
             (dropped_access, dropped_other) = (0, 0);
             last_report = Instant::now();
+        }
+        // At exit, lines logged while this batch was written (the report too) take one
+        // more round.
+        if stopping && shared.lock().pending == 0 {
+            return;
         }
     }
 }
