@@ -15,6 +15,10 @@ use tracing_subscriber::fmt::MakeWriter;
 /// The target of access lines (see [`crate::access`]).
 pub const ACCESS_TARGET: &str = "mediaroute::access";
 
+/// The target of the writer's own report of dropped lines: it is never dropped itself
+/// (one line a second at most, so the buffer cannot grow without bound).
+const REPORT_TARGET: &str = "mediaroute::log_writer";
+
 /// Lines are gathered in blocks of this size; the writer wakes once one is full, ahead of
 /// its interval (nginx's `access_log ... buffer=64k`). Blocks are never grown and copied.
 const BLOCK: usize = 64 * 1024;
@@ -83,9 +87,9 @@ impl Shared {
     /// Appends one line, or drops it when the buffer is full. Access lines wait for a full
     /// block or the interval; any other line (start-up, reloads, warnings: few, and wanted
     /// at once) wakes the writer.
-    fn push(&self, line: &[u8], access: bool) {
+    fn push(&self, line: &[u8], access: bool, report: bool) {
         let mut state = self.lock();
-        if state.pending + line.len() > self.settings.capacity {
+        if state.pending + line.len() > self.settings.capacity && !report {
             if access {
                 state.dropped_access += 1;
                 ACCESS_LINES_DROPPED.inc();
@@ -117,7 +121,7 @@ impl Shared {
 impl LogWriter {
     /// Appends one whole access line (ending in a newline), formatted elsewhere.
     pub fn push_access_line(&self, line: &[u8]) {
-        self.shared.push(line, true);
+        self.shared.push(line, true, false);
     }
 }
 
@@ -175,6 +179,7 @@ fn write_out(shared: &Shared, mut sink: Box<dyn Write + Send>) {
         // Said at most once per interval (and at exit), into the buffer just emptied.
         if (dropped_access > 0 || dropped_other > 0) && (last_report.elapsed() >= interval || stopping) {
             tracing::warn!(
+                target: REPORT_TARGET,
                 access_lines = dropped_access,
                 other_lines = dropped_other,
                 capacity = shared.settings.capacity,
@@ -207,11 +212,12 @@ impl Drop for LogGuard {
 pub struct Line<'a> {
     shared: &'a Shared,
     access: bool,
+    report: bool,
 }
 
 impl Write for Line<'_> {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.shared.push(bytes, self.access);
+        self.shared.push(bytes, self.access, self.report);
         Ok(bytes.len())
     }
 
@@ -224,11 +230,12 @@ impl<'a> MakeWriter<'a> for LogWriter {
     type Writer = Line<'a>;
 
     fn make_writer(&'a self) -> Line<'a> {
-        Line { shared: &self.shared, access: false }
+        Line { shared: &self.shared, access: false, report: false }
     }
 
     fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Line<'a> {
-        Line { shared: &self.shared, access: meta.target() == ACCESS_TARGET }
+        let target = meta.target();
+        Line { shared: &self.shared, access: target == ACCESS_TARGET, report: target == REPORT_TARGET }
     }
 }
 

@@ -147,13 +147,12 @@ async fn a_stalled_sink_drops_and_counts_lines_and_never_blocks_requests() {
     // Blocked on the log, these would never finish: the timeout is the failure.
     let served = tokio::time::timeout(Duration::from_secs(60), burst(addr, N, 16)).await;
     assert!(served.is_ok(), "requests waited on a stalled log");
-    let (_, metrics) = admin_get(admin, "/metrics").await;
+    // Counted (and logged) as each response ends, which the client may see a moment before.
+    let series = "mediaroute_requests_total{upstream=\"primary\",reason=\"mode-no\",status_class=\"2xx\"}";
+    let metrics = metric_reaches(admin, series, N as f64).await;
     let dropped = metric(&metrics, "mediaroute_access_log_dropped_total");
     // A pipe holds 64 KiB (about 300 lines) and the buffer 4 KiB: most lines are dropped.
     assert!(dropped >= (N / 2) as f64, "dropped {dropped} of {N}:\n{metrics}");
-    let served =
-        metric(&metrics, "mediaroute_requests_total{upstream=\"primary\",reason=\"mode-no\",status_class=\"2xx\"}");
-    assert_eq!(served, N as f64, "every request was served and counted");
     // The sink moves again, and the proxy stops: what was kept comes out whole, with the
     // report of what was dropped.
     let reader = std::thread::spawn(move || stderr.lines().map_while(Result::ok).collect::<Vec<String>>());
