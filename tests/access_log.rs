@@ -123,15 +123,17 @@ async fn a_stalled_sink_drops_and_counts_lines_and_never_blocks_requests() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mediaroute.toml");
     std::fs::write(&path, with_admin(&text)).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mediaroute"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut child = Reaped(
+        std::process::Command::new(env!("CARGO_BIN_EXE_mediaroute"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
     // Read only up to the listening lines; from then on, the pipe fills and stays full.
     let (mut addr, mut admin) = (None, None);
     let mut line = String::new();
@@ -156,8 +158,8 @@ async fn a_stalled_sink_drops_and_counts_lines_and_never_blocks_requests() {
     // The sink moves again, and the proxy stops: what was kept comes out whole, with the
     // report of what was dropped.
     let reader = std::thread::spawn(move || stderr.lines().map_while(Result::ok).collect::<Vec<String>>());
-    signal(child.id(), "TERM");
-    let exited = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    signal(child.0.id(), "TERM");
+    let exited = tokio::task::spawn_blocking(move || child.0.wait()).await.unwrap().unwrap();
     assert!(exited.success(), "{exited:?}");
     let lines = reader.join().unwrap();
     let reports: Vec<&String> = lines.iter().filter(|l| l.contains("lines were dropped")).collect();
@@ -173,6 +175,16 @@ async fn a_stalled_sink_drops_and_counts_lines_and_never_blocks_requests() {
     let access: Vec<String> = lines.iter().filter(|l| l.contains("mediaroute::access")).cloned().collect();
     let kept = logged_keys(&access, false).len();
     assert_eq!(kept as f64 + dropped, N as f64, "every line written whole or counted as dropped");
+}
+
+/// A child process killed when dropped: a failed test leaves no proxy behind.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Sends signal `name` to process `pid`.
