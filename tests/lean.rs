@@ -339,3 +339,43 @@ async fn a_client_that_leaves_a_silent_upstream_is_not_an_upstream_failure() {
     let (_, m) = admin_get(admin, "/metrics").await;
     assert_eq!(metric(&m, "mediaroute_upstream_up{upstream=\"primary\"}"), 1.0, "{m}");
 }
+
+/// Copied (not spliced) bodies to a client that reads slowly through a small receive
+/// buffer: the head and body go out in partial writes, and two answers on one connection
+/// arrive byte-exact, one after the other.
+#[tokio::test]
+async fn copied_bodies_reach_a_slow_reader_whole_through_partial_writes() {
+    let len: u64 = 60_000;
+    let (addr, _connections, _task) = pattern_upstream(len).await;
+    let replica = status_server(404).await;
+    let proxy = start_proxy(&config_text(addr, replica.addr, "", "")).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    let mut conn = socket.connect(proxy.addr).await.unwrap();
+    let get = format!("GET {} HTTP/1.1\r\nhost: x\r\n\r\n", obj("shot.mov"));
+    conn.write_all(format!("{get}{get}").as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < 2 * len as usize + 400 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        match tokio::time::timeout(Duration::from_secs(2), conn.read(&mut chunk)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => panic!("{e}"),
+        }
+    }
+    let mut rest = &got[..];
+    for answer in 0..2 {
+        let end = find(rest, b"\r\n\r\n").unwrap_or_else(|| panic!("answer {answer}: no head")) + 4;
+        let head = String::from_utf8_lossy(&rest[..end]).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "answer {answer}: {head}");
+        assert!(head.contains(&format!("content-length: {len}\r\n")), "answer {answer}: {head}");
+        let body = &rest[end..];
+        assert!(body.len() >= len as usize, "answer {answer}: {} of {len} bytes", body.len());
+        let wrong = body[..len as usize].iter().enumerate().position(|(i, b)| *b != pattern_byte(i as u64));
+        assert_eq!(wrong, None, "answer {answer}: byte {wrong:?} differs");
+        rest = &body[len as usize..];
+    }
+    assert!(rest.is_empty(), "{} bytes after the second answer", rest.len());
+}
