@@ -24,7 +24,7 @@ use crate::h1::response::Framing;
 use crate::h1::write_fields;
 use crate::proxy::{Answer, LeanAnswer, Proxy};
 use crate::upstream::lean::LeanBody;
-use std::io::{IoSlice, Write as _};
+use std::io::Write as _;
 
 /// A client's read buffer to begin with; it grows up to `limits.max_header_size` for a
 /// large head and shrinks back after.
@@ -251,18 +251,15 @@ impl LeanConn<'_> {
                 }
             };
             let data = &body.data()[piece];
-            record.bytes += data.len() as u64;
-            let sent = if chunked {
+            if chunked {
                 write_size_line(data.len(), out);
                 out.extend_from_slice(data);
                 out.extend_from_slice(b"\r\n");
-                self.write(stream, out).await
             } else {
-                // The head (while unsent) and the body's bytes in one system call, without
-                // copying them (a small download's whole answer).
-                self.write_both(stream, out, data).await
-            };
-            if !sent {
+                out.extend_from_slice(data);
+            }
+            record.bytes += data.len() as u64;
+            if !self.write(stream, out).await {
                 return false;
             }
             out.clear();
@@ -280,25 +277,6 @@ impl LeanConn<'_> {
         // Read to its end: the upstream connection goes back to its pool.
         drop(body);
         true
-    }
-
-    /// Writes `first` then `then` to the client, as [`LeanConn::write`] does with one.
-    async fn write_both(&self, stream: &mut TcpStream, first: &[u8], then: &[u8]) -> bool {
-        let all = async {
-            let mut slices = [IoSlice::new(first), IoSlice::new(then)];
-            let mut left = &mut slices[..];
-            // Leading empty slices are skipped.
-            IoSlice::advance_slices(&mut left, 0);
-            while !left.is_empty() {
-                let n = stream.write_vectored(left).await?;
-                if n == 0 {
-                    return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
-                }
-                IoSlice::advance_slices(&mut left, n);
-            }
-            Ok(())
-        };
-        matches!(tokio::time::timeout(self.limits.idle_timeout, all).await, Ok(Ok(())))
     }
 
     /// Writes `bytes` to the client, which may pause for up to the idle time.
