@@ -217,10 +217,10 @@ fn timestamp(now: SystemTime, out: &mut Vec<u8>) {
         }
         out.extend_from_slice(text);
     });
-    let micros = since.subsec_micros();
+    let mut number = itoa::Buffer::new();
+    let micros = number.format(since.subsec_micros()).as_bytes();
     let mut digits = [b'0'; 6];
-    let formatted = itoa::Buffer::new().format(micros).as_bytes().to_owned();
-    digits[6 - formatted.len()..].copy_from_slice(&formatted);
+    digits[6 - micros.len()..].copy_from_slice(micros);
     out.extend_from_slice(&digits);
     out.push(b'Z');
 }

@@ -89,7 +89,8 @@ impl Shared {
     /// at once) wakes the writer.
     fn push(&self, line: &[u8], access: bool, report: bool) {
         let mut state = self.lock();
-        if state.pending + line.len() > self.settings.capacity && !report {
+        // A line longer than the whole buffer still goes into an empty one.
+        if state.pending > 0 && state.pending + line.len() > self.settings.capacity && !report {
             if access {
                 state.dropped_access += 1;
                 ACCESS_LINES_DROPPED.inc();
@@ -163,8 +164,7 @@ fn write_out(shared: &Shared, mut sink: Box<dyn Write + Send>) {
         };
         if !batch.is_empty() {
             for block in &batch {
-                // A sink that fails (stderr closed) loses these lines; there is nowhere to say so.
-                let _ = sink.write_all(block);
+                write_block(&mut *sink, block);
             }
             let _ = sink.flush();
             let mut state = shared.lock();
@@ -188,10 +188,29 @@ fn write_out(shared: &Shared, mut sink: Box<dyn Write + Send>) {
             (dropped_access, dropped_other) = (0, 0);
             last_report = Instant::now();
         }
-        // At exit, lines logged while this batch was written (the report too) take one
-        // more round.
-        if stopping && shared.lock().pending == 0 {
-            return;
+        // At exit, lines logged or dropped while this batch was written (the report too)
+        // take one more round.
+        if stopping {
+            let state = shared.lock();
+            if state.pending == 0 && state.dropped_access == 0 && state.dropped_other == 0 {
+                return;
+            }
+        }
+    }
+}
+
+/// Writes one block to the sink. A sink that would block (a non-blocking stderr that is
+/// full) is waited for as a blocking one would be: lines meanwhile wait in the buffer, or
+/// are dropped and counted. A sink that fails (stderr closed) loses the block: there is
+/// nowhere left to say so.
+fn write_block(sink: &mut dyn Write, mut block: &[u8]) {
+    while !block.is_empty() {
+        match sink.write(block) {
+            Ok(0) => return,
+            Ok(n) => block = &block[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => return,
         }
     }
 }

@@ -177,20 +177,31 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run(path: Option<&Path>) -> anyhow::Result<()> {
-    runtime()?.block_on(async {
+    let runtime = runtime()?;
+    let mut log = None;
+    let served = runtime.block_on(async {
         // First of all, even before the config is read: from here on a SIGHUP (a
         // `systemctl reload` right after start) is a reload, and a SIGTERM a clean stop.
         let (hangups, mut stops) = signals::install().context("cannot install signal handlers")?;
         let cfg = with_config(path)?;
-        // Dropped last: every line logged until the end is written (README "Access log").
-        let _log = init_logging(&cfg)?;
+        log = Some(init_logging(&cfg)?);
         raise_file_limit();
         let running = server::start(cfg).await?;
         tokio::spawn(server::reload::on_hangups(hangups, Arc::clone(&running.proxy), notify_reload));
         notify(&[NotifyState::Ready]);
         stop(&mut stops, running).await;
         Ok(())
-    })
+    });
+    finish(runtime, log);
+    served
+}
+
+/// Drops the runtime, then the log's guard: connections that the shutdown grace cut end
+/// with the runtime and log their lines then; the guard writes every line out
+/// (README "Access log").
+fn finish(runtime: tokio::runtime::Runtime, log: Option<LogGuard>) {
+    drop(runtime);
+    drop(log);
 }
 
 /// Raises the soft limit of open files to the hard one: every download holds two
@@ -243,11 +254,12 @@ fn notify_reload(starting: bool) {
 }
 
 fn run_demo(path: Option<&Path>) -> anyhow::Result<()> {
-    runtime()?.block_on(async {
+    let runtime = runtime()?;
+    let mut log = None;
+    let served = runtime.block_on(async {
         let (mut hangups, mut stops) = signals::install().context("cannot install signal handlers")?;
         let cfg = demo::demo_config(path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
-        // Dropped last: every line logged until the end is written (README "Access log").
-        let _log = init_logging(&cfg)?;
+        log = Some(init_logging(&cfg)?);
         let d = demo::start(cfg).await?;
         // The demo's upstreams and ports are made at start: there is no file to re-read.
         tokio::spawn(async move {
@@ -276,5 +288,7 @@ fn run_demo(path: Option<&Path>) -> anyhow::Result<()> {
         stop(&mut stops, proxy).await;
         drop((primary, replica));
         Ok(())
-    })
+    });
+    finish(runtime, log);
+    served
 }

@@ -192,3 +192,30 @@ fn signal(pid: u32, name: &str) {
     let ok = std::process::Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status();
     assert!(ok.is_ok_and(|s| s.success()), "kill -{name} failed");
 }
+
+/// A download still running when the shutdown grace ends is cut, and its line (with
+/// `complete=false`) is written before the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_by_the_shutdown_grace_is_logged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Promises a megabyte, sends 100 bytes, then holds the connection open in silence.
+    let head = "HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n";
+    let upstream = raw_upstream(format!("{head}{}", "x".repeat(100)), Then::HoldOpen).await;
+    let tail = "[limits]\nshutdown_grace = \"1s\"";
+    let mut proxy = ProxyProcess::spawn(&config_text(upstream.addr, upstream.addr, "", tail));
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let get = format!("GET {} HTTP/1.1\r\nhost: x\r\nx-forwarded-user: carol\r\n\r\n", obj("cut.mov"));
+    conn.write_all(get.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).ends_with(&"x".repeat(100)) {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    let lines = access_lines(&proxy, 1, Duration::from_secs(5)).await;
+    let line = lines.iter().find(|l| l.contains("cut.mov")).unwrap_or_else(|| panic!("no line: {lines:?}"));
+    assert!(line.contains("bytes=100 ") && line.contains("complete=false"), "{line}");
+}

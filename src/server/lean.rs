@@ -230,6 +230,9 @@ impl LeanConn<'_> {
                 }
             }
             let next = tokio::select! {
+                // The body first: a client that closes right after the last byte (which it
+                // may, the body being whole) got a complete answer, not a cut one.
+                biased;
                 next = tokio::time::timeout(idle, body.next()) => next,
                 // A client that leaves while the upstream is silent is the client's doing.
                 () = client_gone(stream) => return false,
