@@ -103,17 +103,17 @@ impl Visit for TextFields<'_> {
 
     fn record_u64(&mut self, field: &Field, value: u64) {
         self.name(field);
-        self.out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+        int(value, self.out);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.name(field);
-        self.out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+        int(value, self.out);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.name(field);
-        self.out.extend_from_slice(if value { b"true" } else { b"false" });
+        boolean(value, self.out);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
@@ -144,17 +144,17 @@ impl Visit for JsonFields<'_> {
 
     fn record_u64(&mut self, field: &Field, value: u64) {
         self.name(field);
-        self.out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+        int(value, self.out);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.name(field);
-        self.out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+        int(value, self.out);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.name(field);
-        self.out.extend_from_slice(if value { b"true" } else { b"false" });
+        boolean(value, self.out);
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
@@ -173,6 +173,16 @@ impl Visit for JsonFields<'_> {
             Err(_) => json_str(&String::from_utf8_lossy(&shown), self.out),
         }
     }
+}
+
+/// An integer as both `Debug` and JSON show it.
+fn int(value: impl itoa::Integer, out: &mut Vec<u8>) {
+    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+}
+
+/// A boolean as both `Debug` and JSON show it.
+fn boolean(value: bool, out: &mut Vec<u8>) {
+    out.extend_from_slice(if value { b"true" } else { b"false" });
 }
 
 /// Printable ASCII other than `"` and `\`: shown as is by both `Debug` and JSON.
