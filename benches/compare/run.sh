@@ -13,7 +13,11 @@
 #   ONLY="mediaroute haproxy haproxy-splice" MEDIAROUTE_BIN=/path/to/mediaroute bash benches/compare/run.sh
 #
 # Knobs: ROUNDS (3), DURATION (10, seconds per wrk test), SLOW_CLIENTS (1000), ONLY, TESTS,
-# MEDIAROUTE_BIN (a mediaroute binary to measure; unset, the script builds target/release).
+# MEDIAROUTE_BIN (a mediaroute binary to measure; unset, the script builds target/release),
+# ORIGIN_SENDFILE (on; off makes the origins copy each body into fresh socket buffers, as data
+# that arrives from a network would be, instead of passing page-cache pages along),
+# PROFILE (a directory: each 1 GiB test also runs `perf record -a -g` on both CPUs, one file per
+# target and round, e.g. `perf report -i DIR/mediaroute-1GiB-r1.data --sort cpu,comm,dso,sym`).
 #
 # TESTS: 4k 1m 1g slow 4k-log (the default), and 4k-tls 1g-tls: the 4k and 1g tests against TLS
 # listeners of mediaroute and nginx (one self-signed ECDSA P-256 certificate made for the run;
@@ -48,6 +52,7 @@ if ! need nginx || ! need haproxy || ! need wrk || ! need curl || ! need python3
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light haproxy wrk curl python3 openssl >/dev/null
 fi
 PATH="$PATH:/usr/sbin"
+if [ -n "${PROFILE:-}" ] && ! need perf; then echo "PROFILE needs perf (linux-perf)"; exit 1; fi
 
 # CPU 0: the proxy under test. CPU 1: origins and load generator (same for every proxy).
 PROXY_CPU=0
@@ -99,7 +104,7 @@ error_log $WORK/origin-error.log warn;
 events { worker_connections 8192; }
 http {
     access_log off;
-    sendfile on; tcp_nopush on;
+    sendfile ${ORIGIN_SENDFILE:-on}; tcp_nopush on;
     keepalive_requests 1000000;
     server { listen 127.0.0.1:$P1 backlog=4096; root $WORK/primary; add_header X-Origin primary always; }
     server { listen 127.0.0.1:$P2 backlog=4096; root $WORK/replica; add_header X-Origin replica always; }
@@ -386,7 +391,14 @@ run_wrk() { # target, path, connections, tag, base URL, pid -> records rps, p99_
     load_before=$(cpu_stat "$LOAD_CPU")
     # Direct runs give the load generator the proxy's idle CPU, so both sides have two.
     local cpu="$LOAD_CPU"; [ "$t" = direct ] && cpu="$PROXY_CPU"
+    local perf_pid=""
+    if [ -n "${PROFILE:-}" ] && [[ "$tag" = 1GiB* ]]; then
+        mkdir -p "$PROFILE"
+        perf record -a -g -F 499 -o "$PROFILE/$t-$tag-r$ROUND.data" -- sleep "$DURATION" > /dev/null 2>&1 &
+        perf_pid=$!
+    fi
     out=$(taskset -c "$cpu" wrk -t1 -c"$conns" -d"${DURATION}s" --timeout 30s --latency -s "$WORK/alice.lua" "$base$path")
+    [ -z "$perf_pid" ] || wait "$perf_pid" || true
     after=$(cpu_ticks "$pid")
     load_after=$(cpu_stat "$LOAD_CPU")
     local rps p99 reqs mbps errors
