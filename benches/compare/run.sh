@@ -16,8 +16,9 @@
 # MEDIAROUTE_BIN (a mediaroute binary to measure; unset, the script builds target/release),
 # ORIGIN_SENDFILE (on; off makes the origins copy each body into fresh socket buffers, as data
 # that arrives from a network would be, instead of passing page-cache pages along),
-# PROFILE (a directory: each 1 GiB test also runs `perf record -a -g` on both CPUs, one file per
-# target and round, e.g. `perf report -i DIR/mediaroute-1GiB-r1.data --sort cpu,comm,dso,sym`).
+# PROFILE (a directory: each wrk test also runs `perf record -a -g` on both CPUs, one file per
+# target, test and round, e.g. `perf report -i DIR/mediaroute-1GiB-r1.data --sort cpu,comm,sym`;
+# the numbers of a profiled run are not comparable with those of a plain one).
 #
 # TESTS: 4k 1m 1g slow 4k-log (the default), and 4k-tls 1g-tls: the 4k and 1g tests against TLS
 # listeners of mediaroute and nginx (one self-signed ECDSA P-256 certificate made for the run;
@@ -392,9 +393,9 @@ run_wrk() { # target, path, connections, tag, base URL, pid -> records rps, p99_
     # Direct runs give the load generator the proxy's idle CPU, so both sides have two.
     local cpu="$LOAD_CPU"; [ "$t" = direct ] && cpu="$PROXY_CPU"
     local perf_pid=""
-    if [ -n "${PROFILE:-}" ] && [[ "$tag" = 1GiB* ]]; then
+    if [ -n "${PROFILE:-}" ]; then
         mkdir -p "$PROFILE"
-        perf record -a -g -F 499 -o "$PROFILE/$t-$tag-r$ROUND.data" -- sleep "$DURATION" > /dev/null 2>&1 &
+        perf record -a -g -F 999 -o "$PROFILE/$t-$tag-r$ROUND.data" -- sleep "$DURATION" > /dev/null 2>&1 &
         perf_pid=$!
     fi
     out=$(taskset -c "$cpu" wrk -t1 -c"$conns" -d"${DURATION}s" --timeout 30s --latency -s "$WORK/alice.lua" "$base$path")
