@@ -163,16 +163,32 @@ impl Proxy {
 
     /// Serves one request from `peer` on the client connection whose activity is
     /// `connection`; never fails (errors become S3-style responses).
-    pub async fn serve(
-        &self,
+    ///
+    /// The access record is made at the call, not at the first poll: a request whose
+    /// client leaves before the future ever runs (hyper drops it on the end of the stream)
+    /// is still logged, as a 499 (README "Access log").
+    pub fn serve(
+        self: &Arc<Self>,
         req: Request<Incoming>,
+        peer: SocketAddr,
+        connection: Option<Arc<Activity>>,
+    ) -> impl Future<Output = Response<RespBody>> + Send + use<> {
+        let (parts, body) = req.into_parts();
+        let rec = self.record(&parts, peer);
+        let this = Arc::clone(self);
+        async move { this.serve_recorded(parts, body, rec, peer, connection).await }
+    }
+
+    async fn serve_recorded(
+        &self,
+        mut parts: Parts,
+        body: Incoming,
+        mut rec: Box<AccessRecord>,
         peer: SocketAddr,
         connection: Option<Arc<Activity>>,
     ) -> Response<RespBody> {
         let table = self.tables.current();
-        let (mut parts, body) = req.into_parts();
         let stream = parts.version == http::Version::HTTP_2;
-        let mut rec = self.record(&parts, peer);
         let mut slot = match self.request_slot(&mut rec) {
             Ok(slot) => Some(slot),
             Err(refused) => return refused.map(|b| b.with_record(rec)),

@@ -396,6 +396,32 @@ async fn client_hang_ups_are_counted_as_the_clients() {
     assert!(proxy.log_lines("upstream request failed").is_empty(), "no warning for a client's hang-up");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_whose_clients_half_close_at_once_are_each_logged_as_499() {
+    // The client sends its request and shuts its sending side at once: the server may see
+    // the end of the stream before it has started on the request. Each is still logged.
+    let primary = slow_answer(Duration::from_millis(800), "primary").await;
+    let replica = status_server(200).await;
+    let proxy = ProxyProcess::spawn(&with_admin(&config_text(primary.addr, replica.addr, "delay = \"15m\"", "")));
+    for i in 0..8 {
+        let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head =
+            format!("GET {} HTTP/1.1\r\nHost: x\r\nX-Forwarded-User: carol\r\n\r\n", obj(&format!("half-{i}.mov")));
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+    }
+    for i in 0..8 {
+        let line = access_line(&proxy, &format!("half-{i}.mov")).await;
+        assert!(line.contains("status=499") && line.contains("complete=false"), "{line}");
+    }
+    let (_, m) = admin_get(proxy.admin.unwrap(), "/metrics").await;
+    let closed =
+        metric(&m, "mediaroute_requests_total{upstream=\"primary\",reason=\"mode-no\",status_class=\"client-closed\"}");
+    assert_eq!(closed, 8.0, "{m}");
+}
+
 #[test]
 fn a_sighup_right_after_listening_reloads_and_never_kills() {
     use std::io::BufRead;

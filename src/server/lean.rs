@@ -126,6 +126,9 @@ impl LeanConn<'_> {
             // A client that closes while its request waits on an upstream cancels it, as
             // with hyper; bytes already sent (pipelined) are read later.
             let answer = tokio::select! {
+                // The request first: it makes its access record, so a client that is gone
+                // already is logged (499) rather than forgotten.
+                biased;
                 a = serving => a,
                 () = client_gone(stream), if buf.is_empty() => return End::Closed,
             };

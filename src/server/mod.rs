@@ -367,13 +367,15 @@ impl Connection {
             if tls {
                 req.extensions_mut().insert(crate::proxy::OverTls);
             }
-            let proxy = Arc::clone(&proxy);
             // Waiting on a probe or an upstream is not idleness (README "Limits and timeouts").
             let guard = busy.busy();
             // The response body reads it to tell an upstream stall from a client that left.
             let connection = Arc::clone(&busy);
+            // Called here, not in the future: the request is on record even if hyper drops
+            // the future unpolled.
+            let serving = proxy.serve(req, peer, Some(connection));
             async move {
-                let resp = proxy.serve(req, peer, Some(connection)).await;
+                let resp = serving.await;
                 drop(guard);
                 Ok::<_, std::convert::Infallible>(resp)
             }
