@@ -429,8 +429,9 @@ impl Body for RespBody {
                     if let Some(data) = frame.data_ref() {
                         rec.bytes += data.len() as u64;
                     }
-                    // With a known length hyper stops polling after the last byte.
-                    rec.complete = ended;
+                    // With a known length hyper stops polling after the last byte, and
+                    // after trailers (always a body's last frame) it stops as well.
+                    rec.complete = ended || frame.is_trailers();
                 }
                 Poll::Ready(None) => rec.complete = true,
                 Poll::Ready(Some(Err(_))) => rec.upstream_error = true,

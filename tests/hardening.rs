@@ -138,6 +138,27 @@ async fn silent_connections_are_closed_at_the_header_timeout() {
 }
 
 #[tokio::test]
+async fn a_kept_alive_connection_that_sends_no_next_request_is_closed_at_the_header_timeout() {
+    // Counted from the end of the previous answer, on both paths (README "Limits and
+    // timeouts"); the idle timeout is far longer.
+    let tail = "[limits]\nheader_read_timeout = \"500ms\"\nidle_timeout = \"10s\"";
+    let s = Setup::with_tail("delay = \"15m\"", tail).await;
+    s.media("a.mov", true, OLD);
+    let mut conn = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    let head = format!("GET {} HTTP/1.1\r\nHost: x\r\nX-Forwarded-User: alice\r\n\r\n", obj("a.mov"));
+    conn.write_all(head.as_bytes()).await.unwrap();
+    // Waits on the connection being idle, well past the header timeout: then the answer
+    // is read and the connection must already be closed behind it.
+    let mut got = Vec::new();
+    let started = Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut got)).await;
+    assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "the kept-alive connection stayed open: {read:?}");
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(3), "closed after {took:?}");
+}
+
+#[tokio::test]
 async fn a_moving_upload_is_never_ended_and_a_stopped_one_is() {
     // The upload pauses longer than the idle timeout but shorter than the body timeout:
     // only the body timeout governs an upload.

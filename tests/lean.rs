@@ -259,9 +259,15 @@ async fn close_delimited_chunked_and_interim_answers_reach_the_client_whole() {
     for (answer, want) in cases {
         let primary = raw_upstream(answer, Then::Close).await;
         let replica = status_server(404).await;
-        let proxy = start_proxy(&config_text(primary.addr, replica.addr, "", "")).await;
+        let proxy = start_proxy(&with_admin(&config_text(primary.addr, replica.addr, "", ""))).await;
         let a = get_via(proxy.addr, &obj("a.mov"), "carol").await;
         assert_eq!((a.status, a.body.as_str()), (200, want));
+        // And it is counted whole: trailers, the last frame of a chunked body, end it.
+        let series = "mediaroute_requests_total{upstream=\"primary\",reason=\"mode-no\",status_class=\"2xx\"}";
+        let m = metric_reaches(proxy.admin_addr.unwrap(), series, 1.0).await;
+        let closed =
+            "mediaroute_requests_total{upstream=\"primary\",reason=\"mode-no\",status_class=\"client-closed\"}";
+        assert_eq!(metric(&m, closed), 0.0, "{want}: {m}");
     }
 }
 

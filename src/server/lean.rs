@@ -79,10 +79,11 @@ impl LeanConn<'_> {
             max_head: self.limits.max_header_size as usize,
             max_headers: self.limits.max_headers as usize,
         };
-        // The first request must arrive within the header read time of the connection's
-        // opening, later ones within it of their first byte; and a connection that moves
-        // nothing for the idle time is closed (README "Limits and timeouts").
-        let mut head_deadline = Some(Instant::now() + self.limits.header_read_timeout);
+        // Each request head must arrive within the header read time of the connection's
+        // opening or of the end of the answer before it, as on hyper's path; and a
+        // connection that moves nothing for the idle time is closed (README "Limits and
+        // timeouts").
+        let mut head_deadline = Instant::now() + self.limits.header_read_timeout;
         // The response write buffer, kept between requests so that a small answer
         // allocates none.
         let mut out = Vec::new();
@@ -93,11 +94,8 @@ impl LeanConn<'_> {
                     Parsed::Handoff => return End::Handoff(std::mem::take(buf)),
                     Parsed::Partial => {}
                 }
-                if !buf.is_empty() && head_deadline.is_none() {
-                    head_deadline = Some(Instant::now() + self.limits.header_read_timeout);
-                }
                 let quiet = Instant::now() + self.limits.idle_timeout;
-                let deadline = head_deadline.map_or(quiet, |d| d.min(quiet));
+                let deadline = head_deadline.min(quiet);
                 if buf.capacity() - buf.len() < 512 {
                     buf.reserve(CLIENT_BUF);
                 }
@@ -138,7 +136,7 @@ impl LeanConn<'_> {
                 let _ = stream.shutdown().await;
                 return End::Closed;
             }
-            head_deadline = None;
+            head_deadline = Instant::now() + self.limits.header_read_timeout;
         }
     }
 
