@@ -165,8 +165,8 @@ impl Proxy {
     /// `connection`; never fails (errors become S3-style responses).
     ///
     /// The access record is made at the call, not at the first poll: a request whose
-    /// client leaves before the future ever runs (hyper drops it on the end of the stream)
-    /// is still logged, as a 499 (README "Access log").
+    /// client leaves before the future first runs is still logged, as a 499 (README
+    /// "Access log").
     pub fn serve(
         self: &Arc<Self>,
         req: Request<Incoming>,

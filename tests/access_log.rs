@@ -123,16 +123,7 @@ async fn a_stalled_sink_drops_and_counts_lines_and_never_blocks_requests() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mediaroute.toml");
     std::fs::write(&path, with_admin(&text)).unwrap();
-    let mut child = Reaped(
-        std::process::Command::new(env!("CARGO_BIN_EXE_mediaroute"))
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stderr(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = Reaped(run_command(&[], &path).spawn().unwrap());
     let mut stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
     // Read only up to the listening lines; from then on, the pipe fills and stays full.
     let (mut addr, mut admin) = (None, None);

@@ -437,14 +437,7 @@ fn a_sighup_right_after_listening_reloads_and_never_kills() {
                 let path = path.clone();
                 let survivors = Arc::clone(&survivors);
                 std::thread::spawn(move || {
-                    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mediaroute"))
-                        .args(["run", "--config"])
-                        .arg(&path)
-                        .env("RUST_LOG", "info")
-                        .stderr(std::process::Stdio::piped())
-                        .stdout(std::process::Stdio::null())
-                        .spawn()
-                        .unwrap();
+                    let mut child = run_command(&[], &path).spawn().unwrap();
                     let pid = child.id().to_string();
                     let lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
                     let mut reloaded = false;

@@ -346,6 +346,26 @@ pub struct ProxyProcess {
     _dir: tempfile::TempDir,
 }
 
+/// `mediaroute run --config PATH` at log level info, through `prefix` if any (e.g.
+/// `prlimit --nofile=64:64 --`), its stderr piped to the test and its stdout discarded.
+pub fn run_command(prefix: &[&str], path: &Path) -> std::process::Command {
+    let mut command = match prefix.split_first() {
+        Some((program, args)) => {
+            let mut c = std::process::Command::new(program);
+            c.args(args).arg(env!("CARGO_BIN_EXE_mediaroute"));
+            c
+        }
+        None => std::process::Command::new(env!("CARGO_BIN_EXE_mediaroute")),
+    };
+    command
+        .args(["run", "--config"])
+        .arg(path)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null());
+    command
+}
+
 impl ProxyProcess {
     /// Writes `config` to a temporary file and starts `mediaroute run` on it.
     pub fn spawn(config: &str) -> ProxyProcess {
@@ -363,23 +383,7 @@ impl ProxyProcess {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mediaroute.toml");
         std::fs::write(&path, config).unwrap();
-        let mut command = match prefix.split_first() {
-            Some((program, args)) => {
-                let mut c = std::process::Command::new(program);
-                c.args(args).arg(env!("CARGO_BIN_EXE_mediaroute"));
-                c
-            }
-            None => std::process::Command::new(env!("CARGO_BIN_EXE_mediaroute")),
-        };
-        let mut child = command
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stderr(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = run_command(prefix, &path).envs(env.iter().copied()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
